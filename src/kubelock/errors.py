@@ -1,0 +1,130 @@
+"""Every error kubelock raises, and the exit code each one maps to.
+
+The tree, top to bottom (catch the level you care about)::
+
+    KubelockError                 anything kubelock itself reports (exit 1)
+    ├── UsageError                bad flags, settings or configuration (exit 2, nothing written)
+    │   └── ConfigError           no usable cluster configuration (kubeconfig, context, in-cluster)
+    ├── ApiError                  the Kubernetes API did not do what was asked
+    │   ├── Unreachable           no answer: connection refused, TLS failure, timeout
+    │   └── StatusError           the API server answered with a ``Status`` failure
+    │       ├── BadRequest        400 / 422: the request itself is wrong
+    │       ├── Unauthorized      401: the credentials were not accepted
+    │       ├── Forbidden         403: RBAC denies the verb on the resource
+    │       ├── NotFound          404
+    │       ├── Conflict          409: the object changed since it was read (stale resourceVersion)
+    │       │   └── AlreadyExists 409 on create: somebody else created it first
+    │       ├── Gone              410: a watch's resourceVersion is too old
+    │       ├── TooManyRequests   429: API priority and fairness asks us to slow down
+    │       └── ServerError       5xx
+    └── LeaseLost                 the lock was lost while the guarded work ran (exit 75)
+
+Messages are for people: one line that says what went wrong and what to do,
+then the server's own words. Credentials never appear in them.
+"""
+
+from __future__ import annotations
+
+#: The command ran; kubelock passes its status through. Listed here so that
+#: every code kubelock can return is named in one place.
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the work was interrupted; a retry is welcome
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class KubelockError(Exception):
+    """Anything kubelock reports; ``str()`` is the one-line message for people."""
+
+    exit_code: int = EXIT_ERROR
+
+
+class UsageError(KubelockError):
+    """Bad flags, settings or configuration; nothing was written to the API."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """No usable cluster configuration: kubeconfig, context or in-cluster files."""
+
+
+class ApiError(KubelockError):
+    """The Kubernetes API did not do what was asked."""
+
+    def __init__(self, message: str, *, verb: str = "", resource: str = "") -> None:
+        super().__init__(message)
+        self.verb = verb
+        self.resource = resource
+
+
+class Unreachable(ApiError):
+    """No answer from the API server: connection refused, TLS failure, timeout."""
+
+
+class StatusError(ApiError):
+    """The API server answered with a failure ``Status``."""
+
+    status_code: int = 0
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        reason: str = "",
+        server_message: str = "",
+        verb: str = "",
+        resource: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, verb=verb, resource=resource)
+        self.status_code = status_code
+        self.reason = reason
+        self.server_message = server_message
+        self.retry_after = retry_after
+
+
+class BadRequest(StatusError):
+    """400 or 422: the request itself is wrong."""
+
+
+class Unauthorized(StatusError):
+    """401: the credentials were not accepted."""
+
+
+class Forbidden(StatusError):
+    """403: RBAC denies the verb on the resource."""
+
+
+class NotFound(StatusError):
+    """404: the object does not exist."""
+
+
+class Conflict(StatusError):
+    """409: the object changed since it was read; re-read, never overwrite."""
+
+
+class AlreadyExists(Conflict):
+    """409 on create: somebody else created the object first."""
+
+
+class Gone(StatusError):
+    """410: the resourceVersion is too old to watch from; re-read and re-watch."""
+
+
+class TooManyRequests(StatusError):
+    """429: the server asks us to slow down (see ``retry_after``)."""
+
+
+class ServerError(StatusError):
+    """5xx: the API server failed."""
+
+
+class LeaseLost(KubelockError):
+    """The lock was lost while the guarded work ran; the work was stopped."""
+
+    exit_code = EXIT_LEASE_LOST

@@ -1,0 +1,65 @@
+"""What the election knows of storage: one small protocol, like client-go's
+``resourcelock.Interface``. Lease, Endpoints and ConfigMap locks implement it;
+so does the in-memory test double used by the unit tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from .record import LeaderElectionRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """One read of the lock object: its record, its resourceVersion, and the raw object.
+
+    ``raw`` is the object as the server returned it; ``update`` writes it back
+    with only the record changed, so labels and annotations others set survive.
+    """
+
+    record: LeaderElectionRecord
+    resource_version: str
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+
+class LockStore(Protocol):
+    """Get, create, update and watch one lock object by name.
+
+    Every method is a trio checkpoint. Failures raise the classes in
+    :mod:`kubelock.errors`: ``AlreadyExists`` from ``create`` and ``Conflict``
+    from ``update`` when somebody else wrote first; never a blind overwrite.
+    """
+
+    kind: str  # "leases", "endpoints" or "configmaps"
+    name: str
+    namespace: str
+
+    def describe(self) -> str:
+        """``namespace/name`` with the kind, for messages: ``leases kube-system/foo``."""
+        ...
+
+    async def get(self) -> Observed | None:
+        """The current record, or ``None`` when the object does not exist.
+
+        An object without a (parsable) record reads as an empty record.
+        """
+        ...
+
+    async def create(self, record: LeaderElectionRecord) -> Observed:
+        """Create the object holding ``record``; ``AlreadyExists`` if it exists."""
+        ...
+
+    async def update(self, record: LeaderElectionRecord, current: Observed) -> Observed:
+        """Replace the record of ``current``; ``Conflict`` if it changed since."""
+        ...
+
+    def watch(self, resource_version: str) -> AsyncIterator[Observed | None]:
+        """Changes after ``resource_version``: an ``Observed`` per change, ``None`` on deletion.
+
+        The iterator ends when the server closes the watch; ``Gone`` when the
+        version is too old. Callers close it with ``contextlib.aclosing``.
+        """
+        ...

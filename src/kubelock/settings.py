@@ -1,0 +1,147 @@
+"""Frozen settings, Go duration parsing, and the validation rules.
+
+Everything here is pure: no I/O, no API calls, so bad input is rejected
+before anything is written to the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from .errors import UsageError
+
+LockType = Literal["leases", "endpoints", "configmaps"]
+LOCK_TYPES: tuple[LockType, ...] = ("leases", "endpoints", "configmaps")
+
+DEFAULT_LEASE_DURATION = 15.0
+DEFAULT_RENEW_DEADLINE = 10.0
+DEFAULT_RETRY_PERIOD = 2.0
+#: client-go's JitterFactor: retries wait retry_period * (1 + up to 1.2).
+JITTER_FACTOR = 1.2
+
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``300ms``, ``15s``, ``1m30s``, ``1h``) into seconds.
+
+    A bare ``0`` is accepted, as in Go; other numbers need a unit.
+    """
+    value = text.strip()
+    sign = 1.0
+    if value[:1] in "+-" and value:
+        sign = -1.0 if value[0] == "-" else 1.0
+        value = value[1:]
+    if value == "0":
+        return 0.0
+    if not value:
+        raise ValueError(f"invalid duration {text!r}")
+    total = 0.0
+    pos = 0
+    while pos < len(value):
+        match = _PART.match(value, pos)
+        if match is None:
+            raise ValueError(
+                f"invalid duration {text!r}: use Go syntax such as 300ms, 15s, 1m30s or 1h"
+            )
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Go-style spelling: ``15s``, ``1m30s``, ``300ms``."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    whole_minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(whole_minutes), 60)
+    text = ""
+    if hours:
+        text += f"{hours}h"
+    if minutes:
+        text += f"{minutes}m"
+    if rest or not text:
+        text += f"{rest:g}s"
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class ElectionTiming:
+    """The three durations of client-go's election, in seconds."""
+
+    lease_duration: float = DEFAULT_LEASE_DURATION
+    renew_deadline: float = DEFAULT_RENEW_DEADLINE
+    retry_period: float = DEFAULT_RETRY_PERIOD
+
+    def __post_init__(self) -> None:
+        validate_timing(self.lease_duration, self.renew_deadline, self.retry_period)
+
+
+def validate_timing(lease_duration: float, renew_deadline: float, retry_period: float) -> None:
+    """client-go's rule: lease-duration > renew-deadline > 1.2 x retry-period > 0."""
+    if retry_period <= 0:
+        raise UsageError(
+            f"--retry-period must be greater than zero (got {format_duration(retry_period)})"
+        )
+    if lease_duration <= renew_deadline:
+        raise UsageError(
+            f"--lease-duration ({format_duration(lease_duration)}) must be greater than "
+            f"--renew-deadline ({format_duration(renew_deadline)}): raise the first or "
+            "lower the second"
+        )
+    if renew_deadline <= JITTER_FACTOR * retry_period:
+        raise UsageError(
+            f"--renew-deadline ({format_duration(renew_deadline)}) must be greater than "
+            f"{JITTER_FACTOR} x --retry-period ({format_duration(retry_period)}): "
+            "raise the first or lower the second"
+        )
+    if lease_duration < 1:
+        raise UsageError(
+            f"--lease-duration ({format_duration(lease_duration)}) must be at least 1s: "
+            "Kubernetes stores it in whole seconds"
+        )
+
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+
+
+def validate_name(name: str) -> None:
+    """A lock name is the object's name: a DNS-1123 subdomain (253 characters at most)."""
+    if not name or len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+        raise UsageError(
+            f"invalid lock name {name!r}: use lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit (at most 253 characters)"
+        )
+
+
+def validate_namespace(namespace: str) -> None:
+    """A namespace is a DNS-1123 label (63 characters at most)."""
+    if not namespace or len(namespace) > 63 or not _DNS1123_LABEL.match(namespace):
+        raise UsageError(
+            f"invalid namespace {namespace!r}: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit (at most 63 characters)"
+        )
+
+
+def validate_lock_type(lock_type: str) -> LockType:
+    for known in LOCK_TYPES:
+        if lock_type == known:
+            return known
+    raise UsageError(f"invalid lock type {lock_type!r}: use one of {', '.join(LOCK_TYPES)}")
