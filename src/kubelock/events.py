@@ -1,0 +1,72 @@
+"""What the election reports to observers, so logging and metrics hang off one place.
+
+An observer is a plain callable taking one event; it runs synchronously in
+the election's task and must not block (no I/O beyond a log line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """The lock is held by somebody else (repeated at a modest interval while it lasts)."""
+
+    holder: str
+    since: datetime | None  # the holder's acquireTime, by its own clock
+    waited: float  # seconds since this contender started
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquired:
+    """This contender now holds the lock."""
+
+    waited: float  # seconds from start to acquisition
+    fencing_token: int  # leaderTransitions after acquisition; only ever grows
+
+
+@dataclasses.dataclass(frozen=True)
+class Renewed:
+    """A renewal succeeded."""
+
+    duration: float  # seconds the request took
+
+
+@dataclasses.dataclass(frozen=True)
+class RenewFailed:
+    """A renewal attempt failed; the lease is not lost yet."""
+
+    error: str
+    duration: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Lost:
+    """The lock was lost while held: renew deadline passed or somebody else took it."""
+
+    reason: str
+    held: float  # seconds it was held
+
+
+@dataclasses.dataclass(frozen=True)
+class Released:
+    """The lock was given back (``holderIdentity`` emptied), or left to expire."""
+
+    held: float
+    written: bool  # False when the API could not be reached and the lease will expire
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiRequest:
+    """One request to the Kubernetes API (for metrics)."""
+
+    verb: str  # get, create, update, watch
+    code: str  # HTTP status as text, or "error" when there was no answer
+    duration: float
+
+
+Event = Waiting | Acquired | Renewed | RenewFailed | Lost | Released | ApiRequest
+Observer = Callable[[Event], None]
