@@ -21,6 +21,13 @@ class Waiting:
 
 
 @dataclasses.dataclass(frozen=True)
+class WaitFailed:
+    """Talking to the API failed while waiting; kubelock keeps trying."""
+
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Acquired:
     """This contender now holds the lock."""
 
@@ -68,5 +75,5 @@ class ApiRequest:
     duration: float
 
 
-Event = Waiting | Acquired | Renewed | RenewFailed | Lost | Released | ApiRequest
+Event = Waiting | WaitFailed | Acquired | Renewed | RenewFailed | Lost | Released | ApiRequest
 Observer = Callable[[Event], None]

@@ -6,7 +6,7 @@ so does the in-memory test double used by the unit tests.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from .record import LeaderElectionRecord
@@ -56,7 +56,7 @@ class LockStore(Protocol):
         """Replace the record of ``current``; ``Conflict`` if it changed since."""
         ...
 
-    def watch(self, resource_version: str) -> AsyncIterator[Observed | None]:
+    def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
         """Changes after ``resource_version``: an ``Observed`` per change, ``None`` on deletion.
 
         The iterator ends when the server closes the watch; ``Gone`` when the

@@ -1,0 +1,123 @@
+"""An in-memory lock store: a test double for the election's unit tests only.
+
+It keeps one object with a resourceVersion, rejects stale writes with
+``Conflict`` exactly as the API server does, and streams changes to watchers.
+Each contender gets its own :class:`MemoryLock` view, so faults (a partition,
+a hanging request) can be injected for one contender while others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncGenerator
+
+import trio
+
+from kubelock.errors import AlreadyExists, Conflict, Forbidden, Gone, Unreachable
+from kubelock.locks.base import Observed
+from kubelock.locks.record import LeaderElectionRecord
+
+
+@dataclasses.dataclass
+class Write:
+    """One accepted write, for history checks."""
+
+    at: float  # trio time
+    by: str  # the view that wrote it
+    record: LeaderElectionRecord
+    resource_version: str
+
+
+class MemoryBackend:
+    """The shared 'API server': one object, its versions and its watchers."""
+
+    def __init__(self) -> None:
+        self.current: Observed | None = None
+        self.version = 0
+        self.history: list[Write] = []
+        self._watchers: list[trio.MemorySendChannel[Observed]] = []
+        self.compacted_below = 0
+
+    def _store(self, record: LeaderElectionRecord, by: str) -> Observed:
+        self.version += 1
+        observed = Observed(record=record, resource_version=str(self.version))
+        self.current = observed
+        self.history.append(Write(trio.current_time(), by, record, observed.resource_version))
+        for send in list(self._watchers):
+            try:
+                send.send_nowait(observed)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.remove(send)
+        return observed
+
+    def write(self, record: LeaderElectionRecord, by: str = "admin") -> Observed:
+        """A write by somebody outside the election (an admin editing the Lease)."""
+        return self._store(record, by)
+
+    def drop_watches(self) -> None:
+        """End every open watch, as an API server restart does."""
+        for send in self._watchers:
+            send.close()
+        self._watchers.clear()
+
+
+class MemoryLock:
+    """One contender's view of the backend, with injectable faults."""
+
+    kind = "leases"
+    namespace = "test"
+
+    def __init__(self, backend: MemoryBackend, view: str, name: str = "lock") -> None:
+        self.backend = backend
+        self.view = view
+        self.name = name
+        self.latency = 0.0
+        self.partitioned = False  # requests fail at once, as with connection refused
+        self.hanging = False  # requests never answer (until cancelled)
+        self.watch_forbidden = False
+        self.requests: list[str] = []
+
+    def describe(self) -> str:
+        return f"leases {self.namespace}/{self.name}"
+
+    async def _request(self, verb: str) -> None:
+        self.requests.append(verb)
+        if self.hanging:
+            await trio.sleep_forever()
+        if self.latency:
+            await trio.sleep(self.latency)
+        if self.partitioned:
+            raise Unreachable(f"cannot reach the API server ({verb})", verb=verb)
+        await trio.lowlevel.checkpoint()
+
+    async def get(self) -> Observed | None:
+        await self._request("get")
+        return self.backend.current
+
+    async def create(self, record: LeaderElectionRecord) -> Observed:
+        await self._request("create")
+        if self.backend.current is not None:
+            raise AlreadyExists("already exists", status_code=409, reason="AlreadyExists")
+        return self.backend._store(record, self.view)
+
+    async def update(self, record: LeaderElectionRecord, current: Observed) -> Observed:
+        await self._request("update")
+        stored = self.backend.current
+        if stored is None or stored.resource_version != current.resource_version:
+            raise Conflict("the object has been modified", status_code=409, reason="Conflict")
+        return self.backend._store(record, self.view)
+
+    async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
+        await self._request("watch")
+        if self.watch_forbidden:
+            raise Forbidden("watch is forbidden", status_code=403, reason="Forbidden")
+        if resource_version and int(resource_version) < self.backend.compacted_below:
+            raise Gone("too old resource version", status_code=410, reason="Expired")
+        send, receive = trio.open_memory_channel[Observed](100)
+        self.backend._watchers.append(send)
+        current = self.backend.current
+        if current is not None and int(current.resource_version) > int(resource_version or 0):
+            yield current
+        async with receive:
+            async for observed in receive:
+                yield observed

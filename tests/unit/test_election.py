@@ -1,0 +1,326 @@
+"""The election's timing rules, exact under trio's MockClock.
+
+Every test here runs against the in-memory store (a test double); the same
+behaviours are tested against the real kube-apiserver in tests/integration.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from kubelock import events
+from kubelock.election import Elector
+from kubelock.errors import Forbidden
+from kubelock.locks.record import LeaderElectionRecord
+from kubelock.settings import ElectionTiming
+
+from .memstore import MemoryBackend, MemoryLock
+
+TIMING = ElectionTiming(lease_duration=15, renew_deadline=10, retry_period=2)
+
+
+def contender(
+    backend: MemoryBackend, identity: str, seen: list[events.Event] | None = None
+) -> Elector:
+    return Elector(
+        MemoryLock(backend, identity),
+        identity,
+        TIMING,
+        observer=seen.append if seen is not None else None,
+        rng=random.Random(identity),
+    )
+
+
+async def test_first_contender_creates_the_lease(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    token = await a.acquire()
+    assert token == 0
+    assert backend.current is not None
+    assert backend.current.record.holder_identity == "a"
+    assert backend.current.record.lease_duration_seconds == 15
+    assert a.held_until == pytest.approx(trio.current_time() + 15)
+
+
+async def test_expiry_exactly_lease_duration_after_last_observed_change(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()  # a then dies: it never renews
+    await trio.sleep(1)
+    b = contender(backend, "b")
+    await b.acquire()
+    # b first saw a's record at t=1; it may take over at t=16, not a moment before.
+    assert trio.current_time() == pytest.approx(16)
+    assert backend.history[-1].by == "b"
+    assert backend.history[-1].at == pytest.approx(16)
+
+
+async def test_a_renewal_seen_by_the_waiter_restarts_its_expiry_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        with trio.move_on_after(7):
+            await a.keep_renewing()  # renews at 2, 4, 6
+        # a stopped renewing at t=7 (last renewal at t=6): b saw that change at t=6.
+    assert trio.current_time() == pytest.approx(6 + 15)
+    assert b.is_holding
+
+
+async def test_takeover_increments_transitions_and_the_fencing_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a, b, c = (contender(backend, name) for name in "abc")
+    assert await a.acquire() == 0
+    assert await b.acquire() == 1
+    await b.release()
+    assert await c.acquire() == 2
+    assert [w.record.leader_transitions for w in backend.history] == [0, 1, 1, 2]
+
+
+async def test_release_lets_a_waiter_in_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    acquired_at: list[float] = []
+
+    async def wait_b() -> None:
+        await b.acquire()
+        acquired_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_b)
+        await trio.sleep(5)
+        await a.release()
+    assert acquired_at == [pytest.approx(5)]
+    released = backend.history[-2].record
+    assert released.holder_identity == ""
+    assert released.lease_duration_seconds == 1
+
+
+async def test_release_is_seen_through_the_watch_not_the_poll(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(5)
+        store = b.store
+        assert isinstance(store, MemoryLock)
+        gets_before = store.requests.count("get")
+        await a.release()
+    # One update, no GET: the watch delivered the released record.
+    assert store.requests.count("get") == gets_before
+    assert trio.current_time() == pytest.approx(5)
+
+
+async def test_without_watch_a_waiter_polls_every_retry_period_with_jitter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    store = b.store
+    assert isinstance(store, MemoryLock)
+    store.watch_forbidden = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(5)
+        await a.release()
+    # b found out at its next poll: within retry-period x (1 + 1.2) of the release.
+    assert 5 < trio.current_time() <= 5 + 2 * 2.2
+    assert b.is_holding
+
+
+async def test_holder_that_cannot_renew_reports_loss_before_anyone_may_take_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    seen: list[events.Event] = []
+    a = contender(backend, "a", seen)
+    await a.acquire()
+    store = a.store
+    assert isinstance(store, MemoryLock)
+    lost_at: list[float] = []
+    b_acquired_at: list[float] = []
+    b = contender(backend, "b")
+
+    async def run_b() -> None:
+        await b.acquire()
+        b_acquired_at.append(trio.current_time())
+
+    async def partition_a() -> None:
+        await trio.sleep(3.5)  # a renewed at t=2
+        store.partitioned = True  # from now on a's requests fail at once
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_b)
+        nursery.start_soon(partition_a)
+        await a.keep_renewing(on_lost=lambda reason: lost_at.append(trio.current_time()))
+
+    assert lost_at == [pytest.approx(2 + 10)]  # last renewal sent at 2, renew deadline 10
+    assert a.held_until == pytest.approx(2 + 15)
+    assert b_acquired_at[0] >= a.held_until
+    assert any(isinstance(e, events.RenewFailed) for e in seen)
+    assert isinstance(seen[-1], events.Lost)
+
+
+async def test_a_hanging_renewal_is_cut_at_the_renew_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    store = a.store
+    assert isinstance(store, MemoryLock)
+    store.hanging = True
+    reason = await a.keep_renewing()
+    assert trio.current_time() == pytest.approx(10)
+    assert "renew deadline" in reason
+    assert a.held_until == pytest.approx(15)
+
+
+async def test_holder_notices_when_another_identity_takes_the_lease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    async with trio.open_nursery() as nursery:
+
+        async def intruder() -> None:
+            await trio.sleep(3)
+            backend.write(LeaderElectionRecord("intruder", 15, None, None, 1))
+
+        nursery.start_soon(intruder)
+        reason = await a.keep_renewing()
+    assert "intruder" in reason
+    assert trio.current_time() == pytest.approx(4)  # the next renewal after t=3
+    assert not a.is_holding
+    assert await a.release() is False  # nothing to give back
+    assert backend.history[-1].by == "admin"
+
+
+async def test_an_edit_that_keeps_the_holder_is_not_a_loss(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    current = backend.current
+    assert current is not None
+    backend.write(current.record)  # e.g. somebody added a label: new resourceVersion
+    with trio.move_on_after(30):
+        await a.keep_renewing()
+    assert a.is_holding
+    assert backend.history[-1].by == "a"
+
+
+async def test_cancelled_while_waiting_writes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    writes = len(backend.history)
+    b = contender(backend, "b")
+    with trio.move_on_after(12):
+        await b.acquire()
+    assert len(backend.history) == writes
+    assert not b.is_holding
+
+
+async def test_forbidden_ends_the_wait_with_the_error_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    b = contender(backend, "b")
+    store = b.store
+    assert isinstance(store, MemoryLock)
+
+    async def forbidden() -> None:
+        raise Forbidden("no", status_code=403, verb="get", resource="leases")
+
+    store.get = forbidden  # type: ignore[method-assign]
+    with pytest.raises(Forbidden):
+        await b.acquire()
+
+
+async def test_a_dropped_watch_is_reopened(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(1)
+        backend.drop_watches()
+        await trio.sleep(1)
+        store = b.store
+        assert isinstance(store, MemoryLock)
+        assert store.requests.count("watch") == 2
+        await a.release()
+    assert trio.current_time() == pytest.approx(2)
+
+
+async def test_waiting_is_reported_when_the_holder_changes_and_periodically(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    seen: list[events.Event] = []
+    b = contender(backend, "b", seen)
+    with trio.move_on_after(14):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.acquire)
+            nursery.start_soon(a.keep_renewing)
+    waiting = [e for e in seen if isinstance(e, events.Waiting)]
+    assert [e.holder for e in waiting] == ["a"]
+    with trio.move_on_after(40):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.acquire)
+            nursery.start_soon(a.keep_renewing)
+    assert len([e for e in seen if isinstance(e, events.Waiting)]) >= 3
+
+
+async def test_many_contenders_never_hold_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    holding: list[str] = []
+    overlaps: list[tuple[str, str]] = []
+    order: list[str] = []
+
+    async def run(name: str) -> None:
+        elector = contender(backend, name)
+        await elector.acquire()
+        if holding:
+            overlaps.append((holding[0], name))
+        holding.append(name)
+        order.append(name)
+        await trio.sleep(3)
+        holding.remove(name)
+        await elector.release()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(run, f"c{i}")
+    assert overlaps == []
+    assert sorted(order) == sorted(f"c{i}" for i in range(10))
+    # Every hand-off went through a release, never a lease expiry: 10 holds of 3 s.
+    assert trio.current_time() == pytest.approx(30)
