@@ -65,6 +65,8 @@ def format_duration(seconds: float) -> str:
     """The shortest Go-style spelling: ``15s``, ``1m30s``, ``300ms``."""
     if seconds == 0:
         return "0s"
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
     whole_minutes, rest = divmod(seconds, 60)
@@ -145,3 +147,79 @@ def validate_lock_type(lock_type: str) -> LockType:
         if lock_type == known:
             return known
     raise UsageError(f"invalid lock type {lock_type!r}: use one of {', '.join(LOCK_TYPES)}")
+
+
+# --- The whole configuration of one run -------------------------------------
+
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+
+DEFAULT_NAME = "example-app"
+#: How long a signalled child gets before SIGKILL: short enough that kubelock
+#: can still release the lock inside Kubernetes' default 30 s termination grace.
+DEFAULT_GRACE_PERIOD = 20.0
+
+
+def validate_log_format(log_format: str) -> LogFormat:
+    for known in LOG_FORMATS:
+        if log_format == known:
+            return known
+    raise UsageError(f"invalid log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[IPv6]:PORT`` into ``(host, port)``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(
+            f"invalid metrics address {text!r}: use HOST:PORT, such as :9100 or 127.0.0.1:9100"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise UsageError(f"invalid metrics address {text!r}: write IPv6 hosts as [::1]:9100")
+    if any(character.isspace() or character in "[]/" for character in host):
+        raise UsageError(f"invalid metrics address {text!r}: {host!r} is not a host name")
+    return (host or "0.0.0.0", int(port_text))
+
+
+def validate_pushgateway(url: str) -> str:
+    """A Pushgateway base URL: ``http(s)://host[:port][/path]``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise UsageError(
+            f"invalid pushgateway URL {url!r}: use http://HOST:PORT or https://HOST:PORT"
+        )
+    return url.rstrip("/")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything one run needs, validated on construction (no I/O)."""
+
+    command: tuple[str, ...]  # what to run while holding the lock; the CLI requires one
+    identity: str  # holderIdentity written into the lock
+    name: str = DEFAULT_NAME
+    namespace: str | None = None  # None: the kubeconfig's or the Pod's namespace
+    kubeconfig: str | None = None  # None: in-cluster, then $KUBECONFIG, then ~/.kube/config
+    context: str | None = None  # None: the kubeconfig's current context
+    lock_type: LockType = "leases"
+    timing: ElectionTiming = dataclasses.field(default_factory=ElectionTiming)
+    grace_period: float = DEFAULT_GRACE_PERIOD  # seconds between SIGTERM and SIGKILL
+    log_format: LogFormat = "text"
+    verbose: bool = False
+    metrics_address: tuple[str, int] | None = None  # None: no metrics server
+    pushgateway: str | None = None  # None: push nothing
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if self.namespace is not None:
+            validate_namespace(self.namespace)
+        if not self.identity:
+            raise UsageError("the identity (--id) must not be empty")
+        validate_lock_type(self.lock_type)
+        validate_log_format(self.log_format)
+        if self.grace_period < 0:
+            raise UsageError(
+                f"--grace-period must not be negative (got {format_duration(self.grace_period)})"
+            )

@@ -1,0 +1,439 @@
+"""The child: its own process group, signal forwarding, termination deadlines, exit status.
+
+kubelock runs exactly one command (the *child*) per run:
+
+- The child leads a new process group (``process_group=0``) in kubelock's
+  session and inherits stdin, stdout and stderr untouched. Every signal
+  kubelock sends goes to the whole group, so a shell's children stop too.
+- Its exit status is passed through; killed by signal N it becomes 128+N,
+  as a shell reports it.
+- :func:`forward_signals` passes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and
+  SIGUSR2 on to the group. A second SIGTERM/SIGINT, or the grace period
+  running out after the first, sends SIGKILL.
+- :meth:`Child.terminate` is the lease-loss path: SIGTERM at once, SIGKILL at
+  the grace period's end or at the lease's safety deadline, whichever comes
+  first, in a shielded scope, returning only once the child is reaped. Any
+  member of the group still alive after the child exits gets SIGKILL too:
+  nothing the command started may outlive the lock.
+- As PID 1 (a container entrypoint) :func:`reap_orphans` reaps orphaned
+  grandchildren without ever touching the child's own status.
+
+The group is only signalled while the child is unreaped (running, or a zombie
+that holds the group id), so a recycled PID can never be hit. On Linux this
+rests on a pidfd, which tells that the child exited without reaping it; where
+there is none, the group is not signalled once the child has exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from functools import partial
+
+import trio
+
+from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, KubelockError
+from .settings import DEFAULT_GRACE_PERIOD
+
+logger = logging.getLogger("kubelock")
+
+#: What kubelock passes on to the child's process group.
+FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+#: Signals that ask the child to stop: the second one, or the grace period, brings SIGKILL.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+#: A source of the lease's safety deadline (a ``trio.current_time()`` value), read when needed.
+HardDeadline = Callable[[], float | None]
+
+
+class CannotRun(KubelockError):
+    """The command could not be started: 127 when not found, 126 otherwise."""
+
+    def __init__(self, program: str, error: OSError) -> None:
+        if error.errno == errno.ENOENT:
+            reason, code = "not found", EXIT_NOT_FOUND
+        elif error.errno == errno.ENOEXEC:
+            reason, code = "not an executable (exec format error)", EXIT_CANNOT_EXECUTE
+        elif error.errno in (errno.EACCES, errno.EPERM):
+            reason, code = "permission denied (is it executable?)", EXIT_CANNOT_EXECUTE
+        else:
+            reason, code = (error.strerror or str(error)).lower(), EXIT_CANNOT_EXECUTE
+        super().__init__(f"cannot run {program!r}: {reason}")
+        self.exit_code = code
+
+
+def exit_status(returncode: int) -> int:
+    """A ``Popen`` return code as a shell reports it: killed by signal N is 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildExited:
+    """The child is gone and reaped."""
+
+    status: int  # what kubelock exits with: the child's code, or 128+N
+    signal: int | None  # the signal that killed it, if one did
+    ran: float  # seconds from start to exit
+
+
+class _Registry:
+    """Which PIDs are ours to wait for, so the orphan reaper leaves them alone."""
+
+    def __init__(self) -> None:
+        self.children: set[int] = set()
+        self.spawning = 0  # a spawn in flight: its PID is not known yet
+
+
+_registry = _Registry()
+
+
+class Child:
+    """One running command, leading its own process group. Create it with :meth:`start`.
+
+    ``grace_period`` and ``hard_deadline`` are what :meth:`wait`'s
+    cancellation path hands to :meth:`terminate`; ``hard_deadline`` is a
+    callable so that each renewal of the lease moves the deadline without
+    telling the child.
+    """
+
+    def __init__(
+        self,
+        process: trio.Process,
+        argv: tuple[str, ...],
+        *,
+        grace_period: float,
+        hard_deadline: HardDeadline | None,
+    ) -> None:
+        self.argv = argv
+        self.pid = process.pid
+        self.grace_period = grace_period
+        self.hard_deadline: HardDeadline = hard_deadline or (lambda: None)
+        self._process = process
+        self._started_at = trio.current_time()
+        self._watch_lock = trio.Lock()
+        self._has_exited = False  # the pidfd said so; the child may still be unreaped
+        self._exited: ChildExited | None = None
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # no pidfd: see the module doc
+            self._pidfd = os.pidfd_open(process.pid)
+
+    @classmethod
+    async def start(
+        cls,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        hard_deadline: HardDeadline | None = None,
+    ) -> Child:
+        """Spawn ``argv`` (searched on ``env``'s PATH) in a new process group.
+
+        A checkpoint only before the process exists: once it is spawned,
+        ``start`` returns it even if cancelled meanwhile (the cancellation
+        surfaces at the caller's next checkpoint, typically :meth:`wait`, which
+        then terminates it). Raises :class:`CannotRun` (127 or 126).
+        """
+        if not argv:
+            raise ValueError("argv must name a command")
+        _registry.spawning += 1
+        try:
+            process = await trio.lowlevel.open_process(
+                list(argv),
+                env=None if env is None else dict(env),
+                start_new_session=False,
+                process_group=0,
+            )
+        except OSError as error:
+            raise CannotRun(argv[0], error) from None
+        else:
+            _registry.children.add(process.pid)
+        finally:
+            _registry.spawning -= 1
+        logger.debug("started %r as PID %d", argv[0], process.pid)
+        return cls(process, tuple(argv), grace_period=grace_period, hard_deadline=hard_deadline)
+
+    @property
+    def status(self) -> int | None:
+        """The exit status once the child is reaped (by :meth:`wait` or :meth:`terminate`)."""
+        return None if self._exited is None else self._exited.status
+
+    @property
+    def exited(self) -> ChildExited | None:
+        """How the child ended, once it is reaped."""
+        return self._exited
+
+    def send_signal(self, signum: int) -> bool:
+        """Send ``signum`` to the child's process group; False if there is nobody to signal.
+
+        Not a checkpoint. Never signals once the child has been reaped.
+        """
+        if self._exited is not None or (self._has_exited and self._pidfd is None):
+            return False
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        except PermissionError as error:  # a setuid program in the group
+            logger.warning("cannot signal the command's process group: %s", error)
+            return False
+        return True
+
+    def kill(self) -> bool:
+        """SIGKILL the child's process group. Not a checkpoint."""
+        return self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """Wait until the child exits, reap it and return its exit status.
+
+        A checkpoint. On cancellation (or any other exception while waiting)
+        the child is stopped first with ``terminate(self.grace_period,
+        self.hard_deadline())``, shielded, and then the exception propagates;
+        :attr:`status` then holds the status. So ``with scope: await
+        child.wait()`` never leaves a running child behind.
+        """
+        try:
+            await self._wait_exited()
+        except BaseException:
+            await self.terminate(self.grace_period, self.hard_deadline())
+            raise
+        return await self._reap()
+
+    async def terminate(self, grace_period: float, hard_deadline: float | None) -> int:
+        """Stop the child and its group; return its exit status once it is reaped.
+
+        SIGTERM goes to the group at once; SIGKILL follows when
+        ``grace_period`` seconds have passed or at ``hard_deadline`` (a
+        ``trio.current_time()`` value), whichever is earlier. Group members
+        left behind once the child has exited get SIGKILL at that moment.
+        The whole wait runs in a shielded scope, so cancellation cannot cut it
+        short: this returns only when the child is reaped. Returns at once if
+        it already is.
+        """
+        if self._exited is not None:
+            return self._exited.status
+        with trio.CancelScope(shield=True):
+            kill_at = trio.current_time() + max(grace_period, 0.0)
+            if hard_deadline is not None:
+                kill_at = min(kill_at, hard_deadline)
+            if self.send_signal(signal.SIGTERM):
+                logger.info("sent SIGTERM to the command (PID %d)", self.pid)
+            with trio.move_on_at(kill_at):
+                await self._wait_exited()
+            if not self._has_exited:
+                logger.warning("the command did not stop in time: sending SIGKILL")
+                self.kill()
+                await self._wait_exited()
+            # The leader is a zombie still holding the group id: stragglers go now.
+            self.kill()
+            status = await self._reap()
+        return status
+
+    async def _wait_exited(self) -> None:
+        """Until the child has exited. With a pidfd it stays unreaped; without one it is reaped.
+
+        A checkpoint. Only one task watches at a time; others queue on the lock.
+        """
+        async with self._watch_lock:
+            if self._has_exited:
+                return
+            if self._pidfd is not None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            else:
+                await self._process.wait()
+            self._has_exited = True
+
+    async def _reap(self) -> int:
+        """Collect the exited child's status. A checkpoint only in the unlikely slow path."""
+        if self._exited is None:
+            returncode = self._process.poll()  # the zombie is reaped here
+            if returncode is None:  # pragma: no cover - exited, yet not reapable for an instant
+                returncode = await self._process.wait()
+            if self._pidfd is not None:
+                trio.lowlevel.notify_closing(self._pidfd)
+                os.close(self._pidfd)
+                self._pidfd = None
+            _registry.children.discard(self.pid)
+            self._exited = ChildExited(
+                status=exit_status(returncode),
+                signal=-returncode if returncode < 0 else None,
+                ran=trio.current_time() - self._started_at,
+            )
+        return self._exited.status
+
+
+async def forward_signals(
+    child: Child,
+    *,
+    received: AsyncIterator[int] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Forward kubelock's signals to the child's group until cancelled.
+
+    Listens for :data:`FORWARDED_SIGNALS` itself, or reads ``received`` (an
+    open ``trio.open_signal_receiver`` the caller keeps, so no signal falls
+    into a gap between two receivers). Reports started once the signal
+    handlers are in place (``await nursery.start(forward_signals, child)``).
+    A second SIGTERM/SIGINT, or ``child.grace_period`` running out after the
+    first, sends SIGKILL. On cancellation it stops forwarding; signals then
+    arriving reach whichever receiver is still open.
+    """
+    if received is not None:
+        task_status.started()
+        await _forward(child, received)
+        return
+    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as own:
+        task_status.started()
+        await _forward(child, own)
+
+
+async def _forward(child: Child, received: AsyncIterator[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        stopping = False
+        async for signum in received:
+            name = signal.Signals(signum).name
+            if signum in STOP_SIGNALS and stopping:
+                logger.warning("%s again: sending SIGKILL to the command", name)
+                child.kill()
+                continue
+            logger.info("forwarding %s to the command", name)
+            child.send_signal(signum)
+            if signum in STOP_SIGNALS:
+                stopping = True
+                nursery.start_soon(_kill_after_grace, child, name)
+
+
+async def _kill_after_grace(child: Child, name: str) -> None:
+    await trio.sleep(child.grace_period)
+    if child.kill():
+        logger.warning(
+            "the command ignored %s for %gs (--grace-period): sent SIGKILL",
+            name,
+            child.grace_period,
+        )
+
+
+def is_init() -> bool:
+    """True when kubelock is PID 1 (a container's entrypoint) and must reap orphans."""
+    return os.getpid() == 1
+
+
+def become_subreaper() -> None:
+    """Make orphaned descendants reparent to this process, as to PID 1 (Linux only)."""
+    pr_set_child_subreaper = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+
+
+def reap_zombies() -> list[int]:
+    """Reap orphaned zombies reparented to us; return their PIDs. Not a checkpoint.
+
+    Never a child kubelock waits for itself (:class:`Child`), and never a
+    process in kubelock's own process group (such as an auth plugin another
+    thread is waiting for): only those PIDs are waited for, one by one, so no
+    status is stolen from their owners.
+    """
+    if _registry.spawning:
+        return []  # a new child's PID is not registered yet: come back later
+    me, my_group = os.getpid(), os.getpgrp()
+    reaped: list[int] = []
+    for pid, state, group in _children_of(me):
+        if state != "Z" or group == my_group or pid in _registry.children:
+            continue
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                reaped.append(pid)
+    if reaped:
+        logger.debug("reaped orphaned processes %s", reaped)
+    return reaped
+
+
+def _children_of(parent: int) -> list[tuple[int, str, int]]:
+    """``(pid, state, process group)`` of each child of ``parent``, from /proc."""
+    found = []
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    text = stat.read().decode(errors="replace")
+            except OSError:  # it went away while we looked
+                continue
+            # The command name in parentheses may hold spaces or ')': split after the last one.
+            fields = text.rpartition(")")[2].split()
+            if len(fields) >= 3 and int(fields[1]) == parent:
+                found.append((int(entry.name), fields[0], int(fields[2])))
+    return found
+
+
+async def reap_orphans(
+    *,
+    interval: float = 1.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Reap orphaned grandchildren (see :func:`reap_zombies`) until cancelled.
+
+    Wakes on SIGCHLD, and every ``interval`` seconds in case one was missed.
+    Start it only as PID 1 or a subreaper (:func:`is_init`, :func:`become_subreaper`).
+    """
+    with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+        task_status.started()
+        while True:
+            reap_zombies()
+            with trio.move_on_after(interval):
+                await anext(aiter(sigchld))
+
+
+async def run_child(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    hard_deadline: HardDeadline | None = None,
+    reap: bool | None = None,
+    task_status: trio.TaskStatus[Child] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run ``argv`` to the end: spawn, forward signals, reap orphans as PID 1; return its status.
+
+    ``reap`` defaults to :func:`is_init`. Reports the :class:`Child` as
+    started (``child = await nursery.start(run_child, ...)``). The signal
+    handlers are installed before the child is spawned and stay until it is
+    reaped, so no signal meets the default action (killing kubelock) while a
+    child runs. Raises :class:`CannotRun` (127 or 126).
+
+    A checkpoint. On cancellation (lease loss) the child is terminated, shielded,
+    with ``grace_period`` and ``hard_deadline()`` (see :meth:`Child.terminate`), then
+    ``Cancelled`` propagates. Signals arriving meanwhile are held, not acted on:
+    the termination's own deadlines decide.
+    """
+    if reap is None:
+        reap = is_init()
+    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as received:
+        child = await Child.start(argv, env, grace_period=grace_period, hard_deadline=hard_deadline)
+        task_status.started(child)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(forward_signals, child, received=received))
+                if reap:
+                    nursery.start_soon(reap_orphans)
+                status = await child.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if child.status is None:  # cancelled before wait() took charge of it
+                await child.terminate(child.grace_period, child.hard_deadline())
+        return status
