@@ -1,0 +1,41 @@
+"""Lock kinds behind one protocol: Lease (the default), Endpoints and ConfigMap."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..kube.api import ApiClient
+from .annotation import ConfigMapLock, EndpointsLock
+from .base import LockStore, Observed
+from .lease import ApiLock, LeaseLock
+from .record import LEADER_ANNOTATION, LeaderElectionRecord
+
+__all__ = [
+    "LEADER_ANNOTATION",
+    "ApiLock",
+    "ConfigMapLock",
+    "EndpointsLock",
+    "LeaderElectionRecord",
+    "LeaseLock",
+    "LockStore",
+    "Observed",
+    "make_lock",
+]
+
+_KINDS: dict[str, type[ApiLock]] = {
+    "leases": LeaseLock,
+    "endpoints": EndpointsLock,
+    "configmaps": ConfigMapLock,
+}
+
+
+def make_lock(
+    lock_type: str, api: ApiClient, name: str, namespace: str, *, timeout: float | None = None
+) -> LockStore:
+    """The lock of kind ``lock_type`` ("leases", "endpoints", "configmaps") named ``name``."""
+    try:
+        kind = _KINDS[lock_type]
+    except KeyError:
+        raise UsageError(
+            f"invalid lock type {lock_type!r}: use one of {', '.join(_KINDS)}"
+        ) from None
+    return kind(api, name, namespace, timeout=timeout)

@@ -1,0 +1,142 @@
+"""The Lease lock (coordination.k8s.io/v1), kubelock's default, plus what every API lock shares.
+
+A Lease keeps the record in its ``spec`` (``holderIdentity``,
+``leaseDurationSeconds``, ``acquireTime``, ``renewTime``,
+``leaseTransitions``), exactly where client-go's ``LeaseLock`` keeps it.
+
+Every write is a PUT of the object as last read, with only the record
+changed and ``metadata.resourceVersion`` set to the version read: if anybody
+wrote in between, the server answers 409 and nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from ..errors import NotFound
+from ..kube.api import ApiClient, object_path
+from .base import Observed
+from .record import LeaderElectionRecord
+
+
+class ApiLock:
+    """A lock kept in one namespaced object; subclasses say where the record lives.
+
+    Implements :class:`~kubelock.locks.base.LockStore`.
+    """
+
+    kind: str  # the resource: "leases", "endpoints", "configmaps"
+    api_version: str  # "coordination.k8s.io/v1", "v1"
+    object_kind: str  # "Lease", "Endpoints", "ConfigMap"
+
+    def __init__(
+        self, api: ApiClient, name: str, namespace: str, *, timeout: float | None = None
+    ) -> None:
+        self.api = api
+        self.name = name
+        self.namespace = namespace
+        self.timeout = timeout  # per call; None: the client's default
+        self._collection = object_path(self.api_version, self.kind, namespace)
+        self._path = object_path(self.api_version, self.kind, namespace, name)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.namespace!r}, {self.name!r})"
+
+    # -- where the record lives (per kind) ------------------------------------------
+
+    def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
+        """The record in ``obj``; an empty record when it has none (or none that parses)."""
+        raise NotImplementedError
+
+    def put_record(self, obj: dict[str, Any], record: LeaderElectionRecord) -> None:
+        """Write ``record`` into ``obj`` in place, leaving everything else as it is."""
+        raise NotImplementedError
+
+    # -- LockStore ------------------------------------------------------------------
+
+    async def get(self) -> Observed | None:
+        try:
+            obj = await self.api.get(self._path, timeout=self.timeout)
+        except NotFound:
+            return None
+        return self._observed(obj)
+
+    async def create(self, record: LeaderElectionRecord) -> Observed:
+        obj: dict[str, Any] = {
+            "apiVersion": self.api_version,
+            "kind": self.object_kind,
+            "metadata": {"name": self.name, "namespace": self.namespace},
+        }
+        self.put_record(obj, record)
+        created = await self.api.create(self._collection, obj, timeout=self.timeout)
+        return self._observed(created)
+
+    async def update(self, record: LeaderElectionRecord, current: Observed) -> Observed:
+        obj = copy.deepcopy(current.raw) if current.raw else {}
+        obj.setdefault("apiVersion", self.api_version)
+        obj.setdefault("kind", self.object_kind)
+        metadata = obj.setdefault("metadata", {})
+        metadata.setdefault("name", self.name)
+        metadata.setdefault("namespace", self.namespace)
+        metadata["resourceVersion"] = current.resource_version
+        self.put_record(obj, record)
+        replaced = await self.api.replace(self._path, obj, timeout=self.timeout)
+        return self._observed(replaced)
+
+    async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
+        events = self.api.watch(self._collection, self.name, resource_version)
+        async with aclosing(events):
+            async for event in events:
+                kind = event.get("type")
+                obj = event.get("object")
+                if kind == "DELETED":
+                    yield None
+                elif kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
+                    yield self._observed(obj)
+                # BOOKMARK: no change; the watch simply continues
+
+    def _observed(self, obj: dict[str, Any]) -> Observed:
+        metadata = obj.get("metadata") or {}
+        return Observed(
+            record=self.record_of(obj),
+            resource_version=str(metadata.get("resourceVersion") or ""),
+            raw=obj,
+        )
+
+
+#: The keys of a Lease spec that hold the record; other spec fields are left alone.
+_RECORD_KEYS = (
+    "holderIdentity",
+    "leaseDurationSeconds",
+    "acquireTime",
+    "renewTime",
+    "leaseTransitions",
+)
+
+
+class LeaseLock(ApiLock):
+    """The record in a ``coordination.k8s.io/v1`` Lease's ``spec``."""
+
+    kind = "leases"
+    api_version = "coordination.k8s.io/v1"
+    object_kind = "Lease"
+
+    def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
+        spec = obj.get("spec")
+        return LeaderElectionRecord.from_lease_spec(spec if isinstance(spec, dict) else None)
+
+    def put_record(self, obj: dict[str, Any], record: LeaderElectionRecord) -> None:
+        spec = obj.get("spec")
+        spec = {k: v for k, v in spec.items() if k not in _RECORD_KEYS} if spec else {}
+        written = record.to_lease_spec()
+        if not written.get("leaseDurationSeconds"):
+            # The API server only accepts positive durations; unset means "none".
+            del written["leaseDurationSeconds"]
+        spec.update(written)
+        obj["spec"] = spec
