@@ -1,0 +1,388 @@
+"""The kube-apiserver, etcd and kubectl binaries the test control plane runs.
+
+Where they come from, first match wins:
+
+1. `KUBEBUILDER_ASSETS`, when set, names a folder holding `kube-apiserver` and
+   `etcd` (and optionally `kubectl`), the layout controller-runtime's envtest
+   uses. It is trusted as is; a folder missing a binary is an error, not a
+   reason to build.
+2. The per-user cache `${XDG_CACHE_HOME:-~/.cache}/kubelock/controlplane/
+   k8s-<version>-etcd-<version>/bin`, keyed by the versions in
+   `kubelock.testing.versions`.
+3. Otherwise the cache entry is built from source with the local Go toolchain:
+   a throwaway Go module that requires `k8s.io/kubernetes` and etcd's server,
+   with every staging module Kubernetes replaces by a local path pinned to its
+   published v0.X.Y instead (the list is read from Kubernetes' own go.mod).
+   The build happens in a temporary folder renamed into place when complete,
+   under a lock file, so concurrent test runs build once and never see half a
+   cache entry. Progress goes to stderr every 15 s.
+
+Without `KUBEBUILDER_ASSETS` and without Go, `AssetsUnavailable` says how to
+fix either; tests never skip silently for lack of binaries.
+
+`python -m kubelock.testing.assets` locates or builds them and prints the
+folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Final, TextIO
+
+from .versions import ETCD_VERSION, GO_MINIMUM, KUBERNETES_VERSION, STAGING_VERSION
+
+__all__ = [
+    "ASSETS_VARIABLE",
+    "REQUIRED_BINARIES",
+    "AssetsUnavailable",
+    "cache_entry",
+    "ensure_binaries",
+]
+
+ASSETS_VARIABLE: Final = "KUBEBUILDER_ASSETS"
+REQUIRED_BINARIES: Final = ("kube-apiserver", "etcd")
+
+PROGRESS_INTERVAL: Final = 15.0
+"""Seconds between two "still building" lines on stderr."""
+
+_KUBERNETES_MODULE: Final = "k8s.io/kubernetes"
+_ETCD_MODULE: Final = "go.etcd.io/etcd/server/v3"
+_PACKAGES: Final = (
+    "k8s.io/kubernetes/cmd/kube-apiserver",
+    "k8s.io/kubernetes/cmd/kubectl",
+    _ETCD_MODULE,
+)
+# `go build -o dir/` names a binary after the last path element that is not a
+# major-version suffix; etcd's main package is .../server/v3.
+_ETCD_OUTPUT_NAMES: Final = ("server", "v3")
+
+_STAGING_REPLACE: Final = re.compile(r"^\s*(?:replace\s+)?(\S+)\s+=>\s+\./staging/\S+\s*$")
+_GO_VERSION: Final = re.compile(r"go(\d+)\.(\d+)")
+
+
+class AssetsUnavailable(RuntimeError):
+    """The control-plane binaries could neither be found nor built."""
+
+
+def cache_entry() -> Path:
+    """The cache folder for the pinned versions (its `bin` holds the binaries)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return (
+        Path(base) / "kubelock" / "controlplane" / f"k8s-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
+    )
+
+
+def ensure_binaries(*, progress: TextIO | None = None) -> Path:
+    """Return a folder holding `kube-apiserver`, `etcd` and (usually) `kubectl`.
+
+    Builds them on first use, which takes many minutes; `progress` (stderr by
+    default) receives a line saying what is happening at least every 15 s.
+    Raises `AssetsUnavailable` when neither `KUBEBUILDER_ASSETS` nor Go is there.
+    """
+    out = sys.stderr if progress is None else progress
+    assets = os.environ.get(ASSETS_VARIABLE)
+    if assets:
+        folder = Path(assets)
+        missing = _missing(folder)
+        if missing:
+            raise AssetsUnavailable(
+                f"{ASSETS_VARIABLE}={assets} lacks {', '.join(missing)}: point it at a "
+                f"folder holding {' and '.join(REQUIRED_BINARIES)}, or unset it to build them "
+                "with Go."
+            )
+        return folder
+    entry = cache_entry()
+    if not _missing(entry / "bin"):
+        return entry / "bin"
+    go = _go_toolchain()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(entry.parent / f"{entry.name}.lock", out):
+        if not _missing(entry / "bin"):  # another run built it while we waited
+            return entry / "bin"
+        _build(go, entry, out)
+    return entry / "bin"
+
+
+def _missing(folder: Path) -> list[str]:
+    return [
+        name
+        for name in REQUIRED_BINARIES
+        if not (folder / name).is_file() or not os.access(folder / name, os.X_OK)
+    ]
+
+
+def _go_toolchain() -> str:
+    """The `go` command, checked to be new enough; raises `AssetsUnavailable`."""
+    wanted = ".".join(map(str, GO_MINIMUM))
+    fixes = (
+        f"set {ASSETS_VARIABLE} to a folder holding {' and '.join(REQUIRED_BINARIES)} "
+        f"(Kubernetes {KUBERNETES_VERSION}, etcd {ETCD_VERSION}), or install Go >= {wanted} "
+        "so the test suite can build them once into "
+        f"{cache_entry() / 'bin'}"
+    )
+    go = shutil.which("go")
+    if go is None:
+        raise AssetsUnavailable(
+            f"no kube-apiserver/etcd for the integration tests and no `go` on PATH: {fixes}."
+        )
+    found = subprocess.run(
+        [go, "env", "GOVERSION"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    match = _GO_VERSION.match(found)
+    if match is not None and (int(match[1]), int(match[2])) < GO_MINIMUM:
+        raise AssetsUnavailable(
+            f"no kube-apiserver/etcd for the integration tests and {go} is {found}, "
+            f"older than {wanted}: {fixes}."
+        )
+    return go
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, out: TextIO) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path`, saying so while waiting for it."""
+    with open(lock_path, "a+") as lock:
+        started = time.monotonic()
+        next_report = started
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= next_report:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "another process"
+                    _say(
+                        out,
+                        f"waiting for {holder} to finish building the control plane "
+                        f"(lock {lock_path}), {now - started:.0f} s so far",
+                    )
+                    next_report = now + PROGRESS_INTERVAL
+                time.sleep(0.5)
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()}\n")
+            lock.flush()
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _build(go: str, entry: Path, out: TextIO) -> None:
+    """Build the binaries into a temporary folder, then rename it to `entry`.
+
+    The caller holds the build lock, so leftovers of interrupted builds and an
+    incomplete `entry` can be removed safely.
+    """
+    for stale in entry.parent.glob(f".{entry.name}-build-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if entry.exists():
+        shutil.rmtree(entry)
+    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}-build-", dir=entry.parent))
+    # Outside `work`, so a failed build's log outlives the cleanup.
+    log = entry.parent / f"{entry.name}.build.log"
+    log.unlink(missing_ok=True)
+    started = time.monotonic()
+    _say(
+        out,
+        f"building kube-apiserver and kubectl (Kubernetes {KUBERNETES_VERSION}) and etcd "
+        f"{ETCD_VERSION} with {go} into {entry / 'bin'}; this happens once per version "
+        "and takes minutes (about 6-10 on 2 cores with a cold Go cache)",
+    )
+    try:
+        _write_module(go, work, log, out)
+        _run(go, ["mod", "tidy"], work, log, out, "resolving Go modules")
+        _check_etcd_version(work / "go.mod")
+        (work / "bin").mkdir()
+        _run(
+            go,
+            ["build", "-v", "-trimpath", f"-ldflags={_ldflags()}", "-o", "bin/", *_PACKAGES],
+            work,
+            log,
+            out,
+            "compiling kube-apiserver, kubectl and etcd",
+        )
+        for name in _ETCD_OUTPUT_NAMES:
+            if (work / "bin" / name).exists():
+                (work / "bin" / name).rename(work / "bin" / "etcd")
+        missing = _missing(work / "bin")
+        if missing:
+            raise AssetsUnavailable(
+                f"the Go build finished without {', '.join(missing)}; see {log}"
+            )
+        log.rename(work / "build.log")
+        work.rename(entry)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _say(out, f"built the control plane in {time.monotonic() - started:.0f} s: {entry / 'bin'}")
+
+
+def _ldflags() -> str:
+    """Strip symbols, and stamp the version a release build would report on /version."""
+    major, minor, _ = KUBERNETES_VERSION.removeprefix("v").split(".", 2)
+    stamp = "k8s.io/component-base/version"
+    return (
+        f"-s -w -X {stamp}.gitVersion={KUBERNETES_VERSION} -X {stamp}.gitMajor={major} "
+        f"-X {stamp}.gitMinor={minor} -X {stamp}.gitTreeState=clean"
+    )
+
+
+def _write_module(go: str, work: Path, log: Path, out: TextIO) -> None:
+    """Write go.mod and tools.go of the throwaway module that builds the binaries."""
+    described = _run(
+        go,
+        ["mod", "download", "-json", f"{_KUBERNETES_MODULE}@{KUBERNETES_VERSION}"],
+        work,
+        log,
+        out,
+        f"downloading {_KUBERNETES_MODULE} {KUBERNETES_VERSION}",
+        capture=True,
+    )
+    info = json.loads(described)
+    if info.get("Error"):
+        raise AssetsUnavailable(f"go mod download {_KUBERNETES_MODULE}: {info['Error']}")
+    kubernetes_mod = Path(info["GoMod"]).read_text()
+    staging = [
+        match[1]
+        for line in kubernetes_mod.splitlines()
+        if (match := _STAGING_REPLACE.match(line)) is not None
+    ]
+    if not staging:
+        raise AssetsUnavailable(
+            f"found no `=> ./staging/...` replace lines in {info['GoMod']}; "
+            "the module layout of Kubernetes changed, update kubelock.testing.assets"
+        )
+    go_line = next(
+        (line.split()[1] for line in kubernetes_mod.splitlines() if line.startswith("go ")),
+        ".".join(map(str, GO_MINIMUM)),
+    )
+    replaces = "".join(f"\t{module} => {module} {STAGING_VERSION}\n" for module in staging)
+    (work / "go.mod").write_text(
+        "// Generated by kubelock.testing.assets: builds the test control plane.\n"
+        "module kubelock.local/controlplane\n\n"
+        f"go {go_line}\n\n"
+        "require (\n"
+        f"\t{_KUBERNETES_MODULE} {KUBERNETES_VERSION}\n"
+        f"\t{_ETCD_MODULE} {ETCD_VERSION}\n"
+        ")\n\n"
+        f"replace (\n{replaces})\n"
+    )
+    imports = "".join(f'\t_ "{package}"\n' for package in _PACKAGES)
+    (work / "tools.go").write_text(
+        "//go:build tools\n\n"
+        "// Package tools keeps the built commands in go.mod for `go mod tidy`.\n"
+        f"package tools\n\nimport (\n{imports})\n"
+    )
+
+
+def _check_etcd_version(go_mod: Path) -> None:
+    """Fail if module resolution moved etcd away from the pinned version."""
+    pattern = re.compile(rf"^\s*{re.escape(_ETCD_MODULE)}\s+(\S+)", re.MULTILINE)
+    match = pattern.search(go_mod.read_text())
+    if match is not None and match[1] != ETCD_VERSION:
+        raise AssetsUnavailable(
+            f"Kubernetes {KUBERNETES_VERSION} needs etcd {match[1]}, but "
+            f"kubelock.testing.versions pins {ETCD_VERSION}: update the pin"
+        )
+
+
+def _run(
+    go: str,
+    args: Sequence[str],
+    cwd: Path,
+    log: Path,
+    out: TextIO,
+    what: str,
+    *,
+    capture: bool = False,
+) -> str:
+    """Run `go args...` in `cwd`, its output appended to `log`; report progress.
+
+    Returns stdout when `capture` is set. Raises `AssetsUnavailable` with the
+    tail of the log when the command fails.
+    """
+    started = time.monotonic()
+    with open(log, "ab") as sink:
+        sink.write(f"$ go {' '.join(args)}\n".encode())
+        sink.flush()
+        child = subprocess.Popen(
+            [go, *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE if capture else sink,
+            stderr=sink,
+        )
+        try:
+            if capture:
+                # `go mod download` prints one small JSON document at the end.
+                stdout, _ = child.communicate()
+                return_code = child.returncode
+            else:
+                stdout = b""
+                return_code = _wait_reporting(child, log, out, what, started)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if return_code != 0:
+        raise AssetsUnavailable(
+            f"{what} failed (go {' '.join(args)} exited {return_code}); "
+            f"the end of {log}:\n{_tail(log)}"
+        )
+    return stdout.decode()
+
+
+def _wait_reporting(
+    child: subprocess.Popen[bytes], log: Path, out: TextIO, what: str, started: float
+) -> int:
+    next_report = started + PROGRESS_INTERVAL
+    while True:
+        try:
+            return child.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+            if now >= next_report:
+                last = _tail(log, lines=1)
+                _say(out, f"{what}: {now - started:.0f} s elapsed" + (f" ({last})" if last else ""))
+                next_report += PROGRESS_INTERVAL
+
+
+def _tail(path: Path, *, lines: int = 30) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - 16384))
+            text = file.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _say(out: TextIO, message: str) -> None:
+    print(f"kubelock.testing: {message}", file=out, flush=True)
+
+
+def main() -> int:
+    """Locate or build the binaries and print their folder."""
+    try:
+        print(ensure_binaries())
+    except AssetsUnavailable as error:
+        print(f"kubelock.testing: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

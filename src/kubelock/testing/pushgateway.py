@@ -1,0 +1,234 @@
+"""A real Prometheus Pushgateway for the tests of ``--pushgateway``.
+
+Where the binary comes from, first match wins:
+
+1. `PUSHGATEWAY_BINARY`, when set, names the binary; it is trusted as is (a
+   path that is not an executable file is an error, not a reason to build).
+2. The per-user cache `${XDG_CACHE_HOME:-~/.cache}/kubelock/pushgateway-<version>/
+   pushgateway`, keyed by `PUSHGATEWAY_VERSION`.
+3. A Pushgateway installed on PATH, as Debian's `prometheus-pushgateway`
+   package installs it (`prometheus-pushgateway`, or `pushgateway`). The tests
+   use only the push API and `/api/v1/metrics`, stable since Pushgateway 1.0,
+   so any installed version serves.
+4. Otherwise the cache entry is built from the Go module
+   `github.com/prometheus/pushgateway` at `PUSHGATEWAY_VERSION` with the local
+   Go toolchain, the same way `kubelock.testing.assets` builds the control
+   plane: a throwaway module, `go mod tidy`, `go build`, in a temporary folder
+   renamed into place when complete, under a lock file, progress on stderr.
+
+`running_pushgateway()` starts one on a free loopback port for the duration of
+a `with` block; it never listens on any other address.
+
+`python -m kubelock.testing.pushgateway` locates or builds it and prints its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final, TextIO
+
+import httpx
+
+from .assets import AssetsUnavailable, _exclusive, _run, _say, _tail
+from .controlplane import _free_ports, _Spawner, _terminate
+
+__all__ = [
+    "BINARY_VARIABLE",
+    "PUSHGATEWAY_VERSION",
+    "PushgatewayUnavailable",
+    "cache_entry",
+    "pushgateway_binary",
+    "running_pushgateway",
+]
+
+# TODO(lead): move to kubelock.testing.versions and import it from there.
+PUSHGATEWAY_VERSION: Final = "v1.11.4"
+"""The `github.com/prometheus/pushgateway` module built when none is installed."""
+
+BINARY_VARIABLE: Final = "PUSHGATEWAY_BINARY"
+INSTALLED_NAMES: Final = ("prometheus-pushgateway", "pushgateway")
+"""Names a Pushgateway goes by on PATH: Debian's package, then upstream's."""
+
+STARTUP_TIMEOUT: Final = 30.0
+"""Seconds a started Pushgateway has to answer ``/-/ready``."""
+
+_MODULE: Final = "github.com/prometheus/pushgateway"
+
+
+class PushgatewayUnavailable(RuntimeError):
+    """No Pushgateway could be found, built or started."""
+
+
+def cache_entry() -> Path:
+    """The cache folder for `PUSHGATEWAY_VERSION` (holding the `pushgateway` binary)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kubelock" / f"pushgateway-{PUSHGATEWAY_VERSION}"
+
+
+def pushgateway_binary(*, progress: TextIO | None = None) -> Path:
+    """Return the Pushgateway binary, building it on first use (see the module docstring).
+
+    `progress` (stderr by default) receives what is happening during a build.
+    Raises `PushgatewayUnavailable` saying how to provide one.
+    """
+    out = sys.stderr if progress is None else progress
+    override = os.environ.get(BINARY_VARIABLE)
+    if override:
+        binary = Path(override)
+        if not _executable(binary):
+            raise PushgatewayUnavailable(
+                f"{BINARY_VARIABLE}={override} is not an executable file: point it at a "
+                "Pushgateway binary, or unset it to use or build one"
+            )
+        return binary
+    entry = cache_entry()
+    if _executable(entry / "pushgateway"):
+        return entry / "pushgateway"
+    for name in INSTALLED_NAMES:
+        found = shutil.which(name)
+        if found is not None:
+            return Path(found)
+    go = shutil.which("go")
+    if go is None:
+        raise PushgatewayUnavailable(
+            _how_to_provide("none installed and no `go` on PATH to build one", suggest_go=True)
+        )
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(entry.parent / f"{entry.name}.lock", out):
+        if not _executable(entry / "pushgateway"):  # another run built it while we waited
+            _build(go, entry, out)
+    return entry / "pushgateway"
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _how_to_provide(reason: str, *, suggest_go: bool = False) -> str:
+    fixes = (
+        "install one (Debian: `apt-get install prometheus-pushgateway`) or set "
+        f"{BINARY_VARIABLE} to its path"
+    )
+    if suggest_go:
+        fixes += (
+            f", or install Go so the tests can build {_MODULE}@{PUSHGATEWAY_VERSION} "
+            f"once into {cache_entry()}"
+        )
+    return f"no Pushgateway for the tests: {reason}; {fixes}"
+
+
+def _build(go: str, entry: Path, out: TextIO) -> None:
+    """Build the binary in a temporary folder, then rename that folder to `entry`.
+
+    The caller holds the build lock, so leftovers of interrupted builds can go.
+    """
+    for stale in entry.parent.glob(f".{entry.name}-build-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if entry.exists():
+        shutil.rmtree(entry)
+    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}-build-", dir=entry.parent))
+    log = entry.parent / f"{entry.name}.build.log"  # outside `work`: outlives a failure
+    log.unlink(missing_ok=True)
+    started = time.monotonic()
+    _say(out, f"building {_MODULE} {PUSHGATEWAY_VERSION} with {go} into {entry}; once per version")
+    try:
+        (work / "go.mod").write_text(
+            "// Generated by kubelock.testing.pushgateway: builds the test Pushgateway.\n"
+            "module kubelock.local/pushgateway\n\n"
+            "go 1.23\n\n"
+            f"require {_MODULE} {PUSHGATEWAY_VERSION}\n"
+        )
+        (work / "tools.go").write_text(
+            "//go:build tools\n\n"
+            "// Package tools keeps the built command in go.mod for `go mod tidy`.\n"
+            f'package tools\n\nimport _ "{_MODULE}"\n'
+        )
+        try:
+            _run(go, ["mod", "tidy"], work, log, out, f"resolving {_MODULE}")
+            _run(
+                go,
+                ["build", "-trimpath", "-ldflags=-s -w", "-o", "pushgateway", _MODULE],
+                work,
+                log,
+                out,
+                "compiling the Pushgateway",
+            )
+        except AssetsUnavailable as error:
+            raise PushgatewayUnavailable(_how_to_provide(f"building it failed: {error}")) from None
+        log.rename(work / "build.log")
+        work.rename(entry)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _say(out, f"built the Pushgateway in {time.monotonic() - started:.0f} s: {entry}")
+
+
+@contextlib.contextmanager
+def running_pushgateway(
+    *, binary: Path | None = None, startup_timeout: float = STARTUP_TIMEOUT
+) -> Iterator[str]:
+    """Run a Pushgateway on a free 127.0.0.1 port; yield its URL, stop it on exit.
+
+    Started the way the control plane starts its children: its own process
+    group, PR_SET_PDEATHSIG from one long-lived thread, so it never outlives
+    this process. Metrics are kept in memory only.
+    """
+    path = binary or pushgateway_binary()
+    attempts = 3  # a free port can be taken between probing it and the child binding it
+    with tempfile.TemporaryDirectory(prefix="kubelock-pushgateway-") as folder:
+        log = Path(folder) / "pushgateway.log"
+        for attempt in range(1, attempts + 1):
+            [port] = _free_ports(1)
+            url = f"http://127.0.0.1:{port}"
+            child = _Spawner.start(
+                [str(path), f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], log
+            )
+            try:
+                if _wait_ready(child, url, startup_timeout, log):
+                    yield url
+                    return
+                if attempt == attempts:
+                    raise PushgatewayUnavailable(
+                        f"{path} exited {child.returncode} at start-up:\n{_tail(log)}"
+                    )
+            finally:
+                _terminate(child)
+    raise AssertionError("unreachable")
+
+
+def _wait_ready(child: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> bool:
+    """True once `/-/ready` answers 200; False when the child exited first."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                return False
+            with contextlib.suppress(httpx.TransportError):
+                if client.get(f"{url}/-/ready").status_code == 200:
+                    return True
+            time.sleep(0.05)
+    raise PushgatewayUnavailable(
+        f"the Pushgateway at {url} was not ready within {timeout:g} s:\n{_tail(log)}"
+    )
+
+
+def main() -> int:
+    """Locate or build the Pushgateway and print its path."""
+    try:
+        print(pushgateway_binary())
+    except PushgatewayUnavailable as error:
+        print(f"kubelock.testing: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
