@@ -1,0 +1,200 @@
+"""One trio nursery that wires the election, the child and the metrics server.
+
+The order of a run, and what each step may write:
+
+1. Load the cluster configuration and (optionally) bind the metrics port.
+   Any problem here is a usage error (exit 2): nothing was written.
+2. Wait for the lock. A SIGINT/SIGTERM/SIGHUP/SIGQUIT here stops waiting at
+   once (exit 128+N); nothing was written, since a waiter only writes when the
+   lock is free, and then it holds it and releases it again.
+3. Hold it: the renew loop and the child run side by side. If the lease is
+   lost, the child's cancel scope is cancelled; its cancellation path sends
+   SIGTERM to the child's group at once and SIGKILL no later than the safety
+   deadline (before any other contender can take over), whatever
+   ``--grace-period`` says. kubelock then exits 75.
+4. Release (``holderIdentity`` emptied, so the next waiter starts at once),
+   and exit with the child's status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from .election import Elector
+from .errors import EXIT_LEASE_LOST, KubelockError
+from .events import Event, Observer
+from .process import FORWARDED_SIGNALS, CannotRun, run_child
+from .settings import Settings, validate_namespace
+
+if TYPE_CHECKING:
+    from .kube.auth import ClusterConfig
+    from .metrics import Metrics
+
+logger = logging.getLogger("kubelock")
+
+#: Signals that stop a waiting kubelock (the others are ignored while waiting).
+STOP_WAITING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+
+
+def run(settings: Settings) -> int:
+    """Run one kubelock invocation; return the exit status."""
+    return trio.run(supervise, settings)
+
+
+async def supervise(settings: Settings) -> int:
+    from .kube.auth import load_config
+    from .log import log_event
+
+    config = load_config(settings.kubeconfig, settings.context)
+    namespace = settings.namespace or config.namespace
+    validate_namespace(namespace)
+
+    observers: list[Observer] = [log_event]
+    metrics = None
+    if settings.metrics_address is not None or settings.pushgateway is not None:
+        from .metrics import Metrics
+
+        metrics = Metrics(
+            settings.name,
+            namespace,
+            settings.identity,
+            settings.lock_type,
+            renew_deadline=settings.timing.renew_deadline,
+        )
+        observers.append(metrics.observe)
+
+    def observe(event: Event) -> None:
+        for observer in observers:
+            observer(event)
+
+    status = 0
+    failure: KubelockError | None = None
+    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
+        async with trio.open_nursery() as services:
+            try:
+                if metrics is not None:
+                    metrics.started()
+                    if settings.metrics_address is not None:
+                        host, port = settings.metrics_address
+                        await services.start(metrics.serve, host, port)
+                    if settings.pushgateway is not None:
+                        services.start_soon(metrics.push_periodically, settings.pushgateway)
+                status = await _wait_and_run(settings, config, namespace, observe, metrics, signals)
+            except KubelockError as error:
+                failure = error  # re-raised outside the nursery, as itself
+            services.cancel_scope.cancel()
+    if metrics is not None and settings.pushgateway is not None:
+        await metrics.push(settings.pushgateway)
+    if failure is not None:
+        raise failure
+    return status
+
+
+async def _wait_and_run(
+    settings: Settings,
+    config: ClusterConfig,
+    namespace: str,
+    observe: Observer,
+    metrics: Metrics | None,
+    signals: AsyncIterator[int],
+) -> int:
+    from .kube.api import ApiClient
+    from .locks import make_lock
+
+    async with ApiClient(config, observer=observe) as api:
+        store = make_lock(settings.lock_type, api, settings.name, namespace)
+        elector = Elector(store, settings.identity, settings.timing, observer=observe)
+        logger.info("waiting for the lock %s as %s", store.describe(), settings.identity)
+        stopped_by = await _acquire_unless_stopped(elector, signals)
+        if stopped_by is not None:
+            logger.info(
+                "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
+            )
+            return 128 + stopped_by
+        return await _hold_and_run(settings, namespace, elector, metrics)
+
+
+async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int]) -> int | None:
+    """Acquire the lock; return the signal number instead if one stopped the wait."""
+    stopped_by: int | None = None
+    failure: KubelockError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def listen() -> None:
+            nonlocal stopped_by
+            async for signum in signals:
+                if signum in STOP_WAITING_SIGNALS:
+                    stopped_by = signum
+                    nursery.cancel_scope.cancel()
+                    return
+                logger.info("ignoring %s while waiting", signal.Signals(signum).name)
+
+        nursery.start_soon(listen)
+        try:
+            await elector.acquire()
+        except KubelockError as error:
+            failure = error  # re-raised outside the nursery, as itself
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return stopped_by
+
+
+async def _hold_and_run(
+    settings: Settings, namespace: str, elector: Elector, metrics: Metrics | None
+) -> int:
+    from ._lock import safety_deadline
+
+    assert elector.fencing_token is not None
+    env = dict(os.environ)
+    env.update(
+        KUBELOCK_NAME=settings.name,
+        KUBELOCK_NAMESPACE=namespace,
+        KUBELOCK_IDENTITY=settings.identity,
+        KUBELOCK_FENCING_TOKEN=str(elector.fencing_token),
+    )
+    lost: list[str] = []
+    failure: KubelockError | None = None
+    status = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            child_scope = trio.CancelScope()
+
+            def on_lost(reason: str) -> None:
+                lost.append(reason)
+                child_scope.cancel()
+
+            nursery.start_soon(elector.keep_renewing, on_lost)
+            with child_scope:
+                try:
+                    status = await run_child(
+                        settings.command,
+                        env,
+                        grace_period=settings.grace_period,
+                        hard_deadline=lambda: safety_deadline(
+                            elector.held_until, settings.timing.lease_duration
+                        ),
+                    )
+                except CannotRun as error:
+                    failure = error
+            nursery.cancel_scope.cancel()
+    finally:
+        await elector.release()
+    if failure is not None:
+        raise failure
+    if lost:
+        logger.error(
+            "lost the lock (%s): the command was stopped; exiting %d", lost[0], EXIT_LEASE_LOST
+        )
+        status = EXIT_LEASE_LOST
+    else:
+        logger.info("the command exited with status %d", status)
+    if metrics is not None:
+        metrics.child_exited(status)
+    return status

@@ -1,0 +1,104 @@
+"""The Python API around the election, against the in-memory store (test double).
+
+The same API is exercised against the real kube-apiserver in tests/integration.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+import trio.testing
+
+import kubelock
+from kubelock.errors import LeaseLost
+
+from .memstore import MemoryBackend, MemoryLock
+
+
+async def test_body_runs_while_held_and_the_lock_is_released_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with kubelock.Lock("lock", identity="a", store=MemoryLock(backend, "a")) as held:
+        assert held.fencing_token == 0
+        assert backend.current is not None
+        assert backend.current.record.holder_identity == "a"
+        await trio.sleep(20)  # renewals keep it held past the lease duration
+    assert backend.current.record.holder_identity == ""
+
+
+async def test_body_exception_propagates_as_itself_and_releases(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    with pytest.raises(ValueError, match="boom"):
+        async with kubelock.Lock("lock", identity="a", store=MemoryLock(backend, "a")):
+            raise ValueError("boom")
+    assert backend.current is not None
+    assert backend.current.record.holder_identity == ""
+
+
+async def test_lost_lease_cancels_the_body_and_says_why(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    store = MemoryLock(backend, "a")
+    reached_end = False
+    with pytest.raises(LeaseLost, match="renew deadline") as raised:
+        async with kubelock.Lock("lock", identity="a", store=store) as held:
+            store.partitioned = True
+            await trio.sleep(3600)
+            reached_end = True
+    assert not reached_end
+    assert held.lost is not None
+    # The body was cancelled when loss was decided, before anyone could take over.
+    assert trio.current_time() == pytest.approx(10)
+    assert trio.current_time() < held.held_until
+    assert "renew deadline" in str(raised.value)
+
+
+async def test_outer_cancellation_releases(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    with trio.move_on_after(5):
+        async with kubelock.Lock("lock", identity="a", store=MemoryLock(backend, "a")):
+            await trio.sleep(3600)
+    assert backend.current is not None
+    assert backend.current.record.holder_identity == ""
+
+
+def test_invalid_name_is_a_usage_error() -> None:
+    with pytest.raises(kubelock.UsageError, match="invalid lock name"):
+        kubelock.Lock("Not_A_Name")
+
+
+def test_blocking_hold_runs_the_body_and_releases() -> None:
+    backend = MemoryBackend()
+    with kubelock.hold("lock", identity="a", store=MemoryLock(backend, "a")) as held:
+        assert held.fencing_token == 0
+        assert backend.current is not None
+        assert backend.current.record.holder_identity == "a"
+    assert backend.current.record.holder_identity == ""
+
+
+def test_blocking_hold_interrupts_blocking_code_when_the_lease_is_lost() -> None:
+    """Real time: a 3 s lease, renew deadline 2 s; the partition starts at once."""
+    backend = MemoryBackend()
+    store = MemoryLock(backend, "a")
+    started = time.monotonic()
+    with (
+        pytest.raises(LeaseLost),
+        kubelock.hold(
+            "lock",
+            identity="a",
+            store=store,
+            lease_duration=3,
+            renew_deadline=2,
+            retry_period=0.5,
+        ),
+    ):
+        store.partitioned = True
+        time.sleep(60)  # a blocking call, interrupted by the signal
+    # Interrupted well before the 60 s sleep ended (generous bound, not a timing claim).
+    assert time.monotonic() - started < 30
