@@ -99,6 +99,9 @@ class Elector:
         self._observed_time = -math.inf
         # A newer record delivered by the watch, not yet acted upon.
         self._changed = trio.Event()
+        # When the watch last delivered anything: while it keeps delivering the
+        # holder's renewals, the watched record is fresher than any poll.
+        self._last_watch_event = -math.inf
         self._started = 0.0
         self._acquired_at: float | None = None
         self._last_renew_sent = -math.inf
@@ -214,6 +217,7 @@ class Elector:
                         backoff = self.timing.retry_period
                         if change is not None:
                             self._observe(change)
+                        self._last_watch_event = trio.current_time()
                         self._changed.set()
             except Gone:
                 # Too old to resume: make the loop re-read, then watch from there.
@@ -254,8 +258,14 @@ class Elector:
             renew_time=now_wall,
             leader_transitions=0,
         )
-        # A change delivered by the watch saves a GET: act on it directly.
-        if use_watched and self._changed.is_set() and self._observed is not None:
+        # A change delivered by the watch saves a GET: act on it directly. So does a
+        # watch that delivered within a poll interval (the holder's renewals): the
+        # poll only runs when the watch has gone quiet, or is down.
+        watch_is_fresh = self._changed.is_set() or (
+            trio.current_time() - self._last_watch_event
+            <= self.timing.retry_period * (1 + JITTER_FACTOR)
+        )
+        if use_watched and watch_is_fresh and self._observed is not None:
             current: Observed | None = self._observed
         else:
             current = await self.store.get()

@@ -37,12 +37,15 @@ class MemoryBackend:
         self.history: list[Write] = []
         self._watchers: list[trio.MemorySendChannel[Observed]] = []
         self.compacted_below = 0
+        self.deliver_to_watchers = True  # False: watches stay open but silent
 
     def _store(self, record: LeaderElectionRecord, by: str) -> Observed:
         self.version += 1
         observed = Observed(record=record, resource_version=str(self.version))
         self.current = observed
         self.history.append(Write(trio.current_time(), by, record, observed.resource_version))
+        if not self.deliver_to_watchers:
+            return observed
         for send in list(self._watchers):
             try:
                 send.send_nowait(observed)

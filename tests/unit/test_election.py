@@ -324,3 +324,40 @@ async def test_many_contenders_never_hold_at_once(autojump_clock: trio.testing.M
     assert sorted(order) == sorted(f"c{i}" for i in range(10))
     # Every hand-off went through a release, never a lease expiry: 10 holds of 3 s.
     assert trio.current_time() == pytest.approx(30)
+
+
+async def test_a_waiter_with_a_live_watch_makes_no_requests_of_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    store = b.store
+    assert isinstance(store, MemoryLock)
+    with trio.move_on_after(600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.keep_renewing)
+            nursery.start_soon(b.acquire)
+    # Ten minutes of waiting: one read, one watch, and the renewals arrive through it.
+    assert store.requests == ["get", "watch"]
+
+
+async def test_a_quiet_watch_falls_back_to_polling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    store = b.store
+    assert isinstance(store, MemoryLock)
+    # The holder renews, but b's watch never hears of it (a silently broken watch).
+    backend.deliver_to_watchers = False
+    with trio.move_on_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.keep_renewing)
+            nursery.start_soon(b.acquire)
+    gets = store.requests.count("get")
+    assert 60 / (2 * 2.2) <= gets <= 60 / 2 + 1  # one poll every retry-period with jitter
+    assert not b.is_holding  # it saw the renewals by polling, so never took over
