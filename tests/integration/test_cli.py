@@ -237,11 +237,16 @@ def test_sigterm_while_waiting_exits_143_and_writes_nothing(
     try:
         wait_for(ready.exists, what="the holder's child")
         before = lease(admin, namespace, "busy")
-        waiter = spawn(
-            ["--kubeconfig", str(kubeconfig), "--name", "busy", "--id", "waiter", "true"],
-            stderr=subprocess.PIPE,
+        waiter_log = tmp_path / "waiter.log"
+        with waiter_log.open("w") as stderr:
+            waiter = spawn(
+                ["--kubeconfig", str(kubeconfig), "--name", "busy", "--id", "waiter", "true"],
+                stderr=stderr,
+            )
+        wait_for(
+            lambda: "held by 'holder'" in waiter_log.read_text(),
+            what="the waiter to report who holds the lock",
         )
-        time.sleep(2)
         waiter.send_signal(signal.SIGTERM)
         assert waiter.wait(timeout=30) == 143
         after = lease(admin, namespace, "busy")
