@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
 import ssl
@@ -599,8 +600,8 @@ def _transport_problem(error: httpx.TransportError) -> str:
             return getattr(cause, "verify_message", None) or str(cause)
         if isinstance(cause, ssl.SSLError):
             return cause.reason or str(cause)
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror.lower()
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno).lower()
     text = _one_line(str(error))
     return text or type(error).__name__
 
