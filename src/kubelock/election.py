@@ -108,6 +108,7 @@ class Elector:
         self.held_until = -math.inf
         self.fencing_token: int | None = None
         self.lost_reason: str | None = None
+        self._warned_same_identity = False
 
     # -- public state ---------------------------------------------------------
 
@@ -283,30 +284,28 @@ class Elector:
         self._observe(current)
         old = current.record
         expiry = self._expiry()
-        if (
-            old.is_held
-            and old.holder_identity != self.identity
-            and expiry is not None
-            and trio.current_time() < expiry
-        ):
+        if old.is_held and expiry is not None and trio.current_time() < expiry:
+            # Held, and not by this process (it holds nothing while acquiring), even
+            # when the holder wrote our identity: two processes given the same --id
+            # must still exclude each other.
+            if old.holder_identity == self.identity and not self._warned_same_identity:
+                self._warned_same_identity = True
+                self._emit(
+                    WaitFailed(
+                        error=f"the lock is held under this contender's own identity "
+                        f"{self.identity!r} by another process; give each contender its "
+                        "own --id (waiting until it releases or its lease expires)"
+                    )
+                )
             return False
 
-        if old.holder_identity == self.identity and old.acquire_time is not None:
-            record = LeaderElectionRecord(
-                holder_identity=self.identity,
-                lease_duration_seconds=mine.lease_duration_seconds,
-                acquire_time=old.acquire_time,
-                renew_time=now_wall,
-                leader_transitions=old.leader_transitions,
-            )
-        else:
-            record = LeaderElectionRecord(
-                holder_identity=self.identity,
-                lease_duration_seconds=mine.lease_duration_seconds,
-                acquire_time=now_wall,
-                renew_time=now_wall,
-                leader_transitions=old.leader_transitions + 1,
-            )
+        record = LeaderElectionRecord(
+            holder_identity=self.identity,
+            lease_duration_seconds=mine.lease_duration_seconds,
+            acquire_time=now_wall,
+            renew_time=now_wall,
+            leader_transitions=old.leader_transitions + 1,
+        )
         sent = trio.current_time()
         try:
             updated = await self.store.update(record, current)
@@ -319,6 +318,11 @@ class Elector:
             return False
         self._took(updated, sent)
         return True
+
+    def _is_ours(self, record: LeaderElectionRecord) -> bool:
+        """True when ``record`` is this process's acquisition (identity and acquire time)."""
+        acquired = self._observed.record.acquire_time if self._observed else None
+        return record.holder_identity == self.identity and record.acquire_time == acquired
 
     def _took(self, observed: Observed, sent: float) -> None:
         self._observed = observed
@@ -405,8 +409,12 @@ class Elector:
                     return str(error)
                 if fresh is None:
                     return "lost:the lock object was deleted"
-                if fresh.record.holder_identity != self.identity:
-                    holder = fresh.record.holder_identity or "nobody"
+                if not self._is_ours(fresh.record):
+                    holder = (
+                        repr(fresh.record.holder_identity) if fresh.record.is_held else "nobody"
+                    )
+                    if fresh.record.holder_identity == self.identity:
+                        holder = "another process with the same identity"
                     self._observe(fresh)
                     return f"lost:the lock was taken over by {holder}"
                 current = fresh
@@ -462,7 +470,7 @@ class Elector:
                     fresh = await self.store.get()
                 except ApiError:
                     return False
-                if fresh is None or fresh.record.holder_identity != self.identity:
+                if fresh is None or not self._is_ours(fresh.record):
                     return False  # not ours any more: nothing to give back
                 current = fresh
             except ApiError:

@@ -24,6 +24,7 @@ from .events import (
     Released,
     Renewed,
     RenewFailed,
+    WaitFailed,
     Waiting,
 )
 from .process import ChildExited
@@ -79,6 +80,8 @@ def _describe(event: Event | ChildExited) -> tuple[int, str]:
             if since is not None:
                 held += f" since {_timestamp(since)}"
             return logging.INFO, f"waiting for the lock, {held} (waited {_seconds(waited)})"
+        case WaitFailed(error=error):
+            return logging.WARNING, f"still waiting: {error}"
         case Acquired(waited=waited, fencing_token=token):
             return (
                 logging.INFO,

@@ -454,3 +454,33 @@ def test_no_cluster_configuration_at_all_exits_2(tmp_path: Path) -> None:
     result = run(["true"], env={"HOME": str(tmp_path)})
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_original_readmes_three_terminals_with_one_id_still_take_turns(
+    kubeconfig: Path, namespace: str, tmp_path: Path
+) -> None:
+    """Its README runs `kubelock --kubeconfig ... --id 1 --name example-app sleep 10` 3 times."""
+    log = tmp_path / "holds"
+    processes = [
+        spawn(
+            [
+                "--kubeconfig",
+                str(kubeconfig),
+                "--id",
+                "1",
+                "--name",
+                "example-app",
+                "--namespace",
+                namespace,
+                *FAST,
+                *hold_command(f"terminal-{n}", 1, log),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        for n in range(3)
+    ]
+    assert [process.wait(timeout=120) for process in processes] == [0, 0, 0]
+    intervals = read_intervals(log)
+    assert len(intervals) == 3
+    for (_, _, end), (_, next_start, _) in itertools.pairwise(intervals):
+        assert end <= next_start

@@ -361,3 +361,30 @@ async def test_a_quiet_watch_falls_back_to_polling(
     gets = store.requests.count("get")
     assert 60 / (2 * 2.2) <= gets <= 60 / 2 + 1  # one poll every retry-period with jitter
     assert not b.is_holding  # it saw the renewals by polling, so never took over
+
+
+async def test_two_processes_with_the_same_identity_still_exclude_each_other(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The original README races three kubelocks all given `--id 1`."""
+    backend = MemoryBackend()
+    first, second = contender(backend, "1"), contender(backend, "1")
+    await first.acquire()
+    seen: list[events.Event] = []
+    second._emit = seen.append
+    with trio.move_on_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first.keep_renewing)
+            nursery.start_soon(second.acquire)
+    assert not second.is_holding
+    assert any(isinstance(e, events.WaitFailed) and "own identity" in e.error for e in seen)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second.acquire)
+        await trio.sleep(1)
+        await first.release()
+    assert second.is_holding
+    assert second.fencing_token == 1
+    # And a takeover by a twin is noticed as a loss by the one that held it before.
+    backend.write(LeaderElectionRecord("1", 15, None, None, 2))
+    reason = await second.keep_renewing()
+    assert "same identity" in reason

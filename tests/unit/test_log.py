@@ -176,3 +176,21 @@ def test_lines_are_not_repeated_by_the_root_logger(stream: io.StringIO) -> None:
         logging.getLogger().removeHandler(handler)
     assert len(lines(stream)) == 1
     assert root.getvalue() == ""
+
+
+def test_every_event_type_has_a_line_for_people() -> None:
+    """An event without a case would crash the observer (and so kubelock) at run time."""
+    import dataclasses
+    import typing
+    from datetime import UTC, datetime
+
+    from kubelock import events as event_types
+    from kubelock.log import log_event
+
+    samples = {str: "x", float: 1.0, int: 1, bool: True, "datetime | None": datetime.now(UTC)}
+    for event_type in typing.get_args(event_types.Event):
+        values = {}
+        for field in dataclasses.fields(event_type):
+            annotation = field.type if isinstance(field.type, str) else field.type.__name__
+            values[field.name] = samples.get(annotation, samples.get(eval(annotation), "x"))  # noqa: S307
+        log_event(event_type(**values))
