@@ -181,6 +181,7 @@ async def _hold_and_run(
                             elector.held_until, settings.timing.lease_duration
                         ),
                     )
+                    logger.info("the command exited with status %d", status)
                 except CannotRun as error:
                     failure = error
             nursery.cancel_scope.cancel()
@@ -193,8 +194,6 @@ async def _hold_and_run(
             "lost the lock (%s): the command was stopped; exiting %d", lost[0], EXIT_LEASE_LOST
         )
         status = EXIT_LEASE_LOST
-    else:
-        logger.info("the command exited with status %d", status)
     if metrics is not None:
         metrics.child_exited(status)
     return status
