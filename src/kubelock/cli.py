@@ -64,6 +64,7 @@ Every option can also be set by the environment variable shown beside it."""
 _EPILOGUE = """\
 Exit status:
   the command's own      it ran (128+N when killed by signal N)
+  1                      the lock could not be taken (for example RBAC denied it)
   2                      bad usage or configuration; nothing was written
   75                     the lock was lost while the command ran; it was stopped
   126, 127               the command could not be run, or was not found
@@ -117,7 +118,7 @@ def _options(
             "kubeconfig",
             "path",
             "the kubeconfig file",
-            show_default="the Pod's ServiceAccount, else $KUBECONFIG or ~/.kube/config",
+            show_default="$KUBECONFIG, else the Pod's ServiceAccount, else ~/.kube/config",
         ),
     ] = None,
     context: Annotated[
@@ -151,7 +152,7 @@ def _options(
             "namespace",
             "string",
             "the lock's namespace",
-            show_default="the kubeconfig context's, or the Pod's own",
+            show_default="the Pod's own, or the kubeconfig context's, else default",
         ),
     ] = None,
     lock_type: Annotated[
