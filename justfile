@@ -1,0 +1,38 @@
+# kubelock's tasks. `scripts/dev RECIPE` runs one on a fresh machine.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# lint, types, and the whole suite against a real kube-apiserver (what CI runs)
+test: lint test-tools
+    uv run python -m kubelock.testing.assets
+    uv run pytest
+
+# ruff and mypy --strict
+lint:
+    uv run ruff check
+    uv run ruff format --check
+    uv run mypy
+
+# a local control plane and three kubelocks racing for one lock, with a timeline
+demo:
+    uv run python scripts/demo.py
+
+# hand-off latency, a waiting contender's request rate, start-up cost
+bench:
+    uv run python -m benchmarks.handoff
+    uv run python -m benchmarks.startup
+
+# what the suite needs besides Python packages and the Go-built control plane
+test-tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # The Pushgateway's Go module is not served by the module proxy here: Debian's build.
+    if ! command -v prometheus-pushgateway >/dev/null && ! command -v pushgateway >/dev/null \
+        && [ -z "${PUSHGATEWAY_BINARY:-}" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus-pushgateway
+        else
+            echo "install prometheus-pushgateway, or set PUSHGATEWAY_BINARY to a pushgateway binary" >&2
+            exit 1
+        fi
+    fi
