@@ -2,9 +2,9 @@
 
 A test that uses `control_plane` (directly or through `restores_control_plane`,
 `namespace`, `admin`, `identity`, `in_cluster`, `kubeconfig`) is marked
-`integration`. Before such a
-test runs, the binaries are found or built (with progress on the terminal);
-when neither is possible the session stops with the reason, it never skips.
+`integration`. Before such a test runs, the binaries are found or built (with
+progress on the terminal); when neither is possible the session stops with
+the reason, it never skips.
 
 Identities are ServiceAccounts with TokenRequest tokens: any number, each
 fresh; the control plane's spare static users `user-1`... stay free for tests
@@ -96,7 +96,6 @@ def identity(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Ide
 
     It lives in `namespace` (default: the test's), as do its Role and kubeconfig context.
     """
-
     test_namespace = namespace
 
     def make(rules: Sequence[Rule], namespace: str | None = None) -> Identity:

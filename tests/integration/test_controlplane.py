@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kubelock.testing import ControlPlane, IdentityFactory, process_alive
+from kubelock.testing import ControlPlane, IdentityFactory, InClusterFactory, process_alive
 
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 LEASE_RULES = [
@@ -60,6 +61,62 @@ def test_rbac_forbids_a_lease_to_an_identity_without_rights_and_admin_creates_it
         create_lease(admin, namespace, "migrations", holder="admin")
         assert restricted.get(f"{leases}/migrations").status_code == 403
         assert restricted.get(f"/api/v1/namespaces/{namespace}/configmaps/none").status_code == 404
+
+
+def test_a_spare_static_user_is_authenticated_but_has_no_rights_until_granted(
+    control_plane: ControlPlane, admin: httpx.Client, namespace: str
+) -> None:
+    create_lease(admin, namespace, "migrations")
+    path = f"{LEASES.format(namespace=namespace)}/migrations"
+    with control_plane.client(control_plane.spare_users["user-7"]) as user:
+        assert user.get(path).status_code == 403
+        control_plane.grant(namespace, "user-7", LEASE_RULES)
+        assert user.get(path).status_code == 200
+
+
+def test_a_pod_environment_reaches_the_api_server_as_its_service_account(
+    in_cluster: InClusterFactory, namespace: str
+) -> None:
+    environment = in_cluster(namespace, "migrator", LEASE_RULES)
+    mount = Path(environment["KUBELOCK_SERVICEACCOUNT_DIR"])
+    server = (
+        f"https://{environment['KUBERNETES_SERVICE_HOST']}:{environment['KUBERNETES_SERVICE_PORT']}"
+    )
+    pod_namespace = (mount / "namespace").read_text()
+    assert pod_namespace == namespace
+    with httpx.Client(
+        base_url=server,
+        verify=ssl.create_default_context(cafile=str(mount / "ca.crt")),
+        headers={"Authorization": f"Bearer {(mount / 'token').read_text()}"},
+        trust_env=False,
+    ) as pod:
+        created = pod.post(LEASES.format(namespace=pod_namespace), json=lease("migrations"))
+        assert created.status_code == 201, created.text
+        assert pod.get("/api/v1/namespaces").status_code == 403
+
+
+def test_kubeconfigs_default_to_the_test_namespace(
+    control_plane: ControlPlane, identity: IdentityFactory, kubeconfig: Path, namespace: str
+) -> None:
+    kubectl = str(control_plane.bin_dir / "kubectl")
+    manifest = json.dumps(lease("migrations"))
+    created = subprocess.run(
+        [kubectl, f"--kubeconfig={kubeconfig}", "create", "-f", "-", "-o", "name"],
+        input=manifest,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert created.returncode == 0, created.stderr
+    reader = identity(LEASE_RULES)
+    found = subprocess.run(
+        [kubectl, f"--kubeconfig={reader.kubeconfig}", "get", "lease", "migrations", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["metadata"]["namespace"] == namespace
 
 
 def test_an_update_with_a_stale_resource_version_conflicts(

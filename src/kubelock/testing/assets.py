@@ -199,7 +199,7 @@ def _build(go: str, entry: Path, out: TextIO) -> None:
         out,
         f"building kube-apiserver and kubectl (Kubernetes {KUBERNETES_VERSION}) and etcd "
         f"{ETCD_VERSION} with {go} into {entry / 'bin'}; this happens once per version "
-        "and takes minutes (about 6-10 on 2 cores with a cold Go cache)",
+        "and takes minutes (6-15 on 2 cores with a cold Go build cache)",
     )
     try:
         _write_module(go, work, log, out)

@@ -166,7 +166,7 @@ class ControlPlane:
 
     def start(self) -> None:
         """Start etcd and kube-apiserver and wait until the API server is ready."""
-        if self._etcd is not None or self._apiserver is not None:
+        if self.pids:
             raise ControlPlaneError("the control plane is already running")
         started = time.monotonic()
         try:
@@ -207,7 +207,7 @@ class ControlPlane:
 
         If the API server is running, also wait until it is ready again.
         """
-        if self._etcd is not None:
+        if self._etcd is not None and self._etcd.poll() is None:
             raise ControlPlaneError("etcd is already running")
         self._prepare()
         peer = f"http://{_LOOPBACK}:{self._etcd_peer_port}"
@@ -242,9 +242,9 @@ class ControlPlane:
 
     def start_apiserver(self) -> None:
         """Start kube-apiserver (same port and certificates, if restarting); wait for /readyz."""
-        if self._apiserver is not None:
+        if self._apiserver is not None and self._apiserver.poll() is None:
             raise ControlPlaneError("kube-apiserver is already running")
-        if self._etcd is None:
+        if self._etcd is None or self._etcd.poll() is not None:
             raise ControlPlaneError("start etcd before kube-apiserver")
         work = self._workdir
         self._apiserver = self._spawn(
@@ -319,9 +319,16 @@ class ControlPlane:
 
     @property
     def pids(self) -> dict[str, int]:
-        """The pid of each running process, by name (`etcd`, `kube-apiserver`)."""
-        running = {"etcd": self._etcd, "kube-apiserver": self._apiserver}
-        return {name: process.pid for name, process in running.items() if process is not None}
+        """The pid of each running process, by name (`etcd`, `kube-apiserver`).
+
+        A process that stopped on its own is missing, and `start_*` starts it again.
+        """
+        started = {"etcd": self._etcd, "kube-apiserver": self._apiserver}
+        return {
+            name: process.pid
+            for name, process in started.items()
+            if process is not None and process.poll() is None
+        }
 
     @property
     def started_pids(self) -> list[int]:
