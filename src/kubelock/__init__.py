@@ -4,7 +4,8 @@
 ``with kubelock.hold("migrations"):`` for blocking code.
 """
 
-from ._lock import Held, Lock, hold
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from .errors import (
     ApiError,
@@ -17,6 +18,22 @@ from .errors import (
     UsageError,
 )
 from .settings import ElectionTiming
+
+if TYPE_CHECKING:
+    from ._lock import Held, Lock, hold
+
+_LAZY = frozenset({"Held", "Lock", "hold"})
+
+
+def __getattr__(name: str) -> object:
+    # The lock API imports trio; `kubelock --help`, `--version` and usage errors
+    # (which import this package through kubelock.cli) need not pay for it.
+    if name in _LAZY:
+        from . import _lock
+
+        return getattr(_lock, name)
+    raise AttributeError(f"module 'kubelock' has no attribute {name!r}")
+
 
 __all__ = [
     "ApiError",

@@ -75,5 +75,14 @@ class ApiRequest:
     duration: float
 
 
+@dataclasses.dataclass(frozen=True)
+class ChildExited:
+    """The child is gone and reaped."""
+
+    status: int  # what kubelock exits with: the child's code, or 128+N
+    signal: int | None  # the signal that killed it, if one did
+    ran: float  # seconds from start to exit
+
+
 Event = Waiting | WaitFailed | Acquired | Renewed | RenewFailed | Lost | Released | ApiRequest
 Observer = Callable[[Event], None]

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from .events import (
     Acquired,
     ApiRequest,
+    ChildExited,
     Event,
     Lost,
     Released,
@@ -27,7 +28,6 @@ from .events import (
     WaitFailed,
     Waiting,
 )
-from .process import ChildExited
 from .settings import LogFormat, format_duration
 
 logger = logging.getLogger("kubelock")

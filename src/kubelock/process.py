@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import logging
 import os
@@ -39,6 +38,7 @@ from functools import partial
 import trio
 
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, KubelockError
+from .events import ChildExited
 from .settings import DEFAULT_GRACE_PERIOD
 
 logger = logging.getLogger("kubelock")
@@ -78,15 +78,6 @@ class CannotRun(KubelockError):
 def exit_status(returncode: int) -> int:
     """A ``Popen`` return code as a shell reports it: killed by signal N is 128+N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-@dataclasses.dataclass(frozen=True)
-class ChildExited:
-    """The child is gone and reaped."""
-
-    status: int  # what kubelock exits with: the child's code, or 128+N
-    signal: int | None  # the signal that killed it, if one did
-    ran: float  # seconds from start to exit
 
 
 class _Registry:

@@ -14,6 +14,7 @@ from kubelock import log
 from kubelock.events import (
     Acquired,
     ApiRequest,
+    ChildExited,
     Event,
     Lost,
     Released,
@@ -22,7 +23,6 @@ from kubelock.events import (
     Waiting,
 )
 from kubelock.log import log_event, logger, report_error, setup_logging
-from kubelock.process import ChildExited
 
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
