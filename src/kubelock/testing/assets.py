@@ -107,7 +107,7 @@ def ensure_binaries(*, progress: TextIO | None = None) -> Path:
         return entry / "bin"
     go = _go_toolchain()
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(entry.parent / f"{entry.name}.lock", out):
+    with exclusive(entry.parent / f"{entry.name}.lock", out):
         if not _missing(entry / "bin"):  # another run built it while we waited
             return entry / "bin"
         _build(go, entry, out)
@@ -149,7 +149,7 @@ def _go_toolchain() -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path, out: TextIO) -> Iterator[None]:
+def exclusive(lock_path: Path, out: TextIO) -> Iterator[None]:
     """Hold an exclusive lock on `lock_path`, saying so while waiting for it."""
     with open(lock_path, "a+") as lock:
         started = time.monotonic()
@@ -163,9 +163,9 @@ def _exclusive(lock_path: Path, out: TextIO) -> Iterator[None]:
                 if now >= next_report:
                     lock.seek(0)
                     holder = lock.read().strip() or "another process"
-                    _say(
+                    say(
                         out,
-                        f"waiting for {holder} to finish building the control plane "
+                        f"waiting for {holder} to finish building "
                         f"(lock {lock_path}), {now - started:.0f} s so far",
                     )
                     next_report = now + PROGRESS_INTERVAL
@@ -195,7 +195,7 @@ def _build(go: str, entry: Path, out: TextIO) -> None:
     log = entry.parent / f"{entry.name}.build.log"
     log.unlink(missing_ok=True)
     started = time.monotonic()
-    _say(
+    say(
         out,
         f"building kube-apiserver and kubectl (Kubernetes {KUBERNETES_VERSION}) and etcd "
         f"{ETCD_VERSION} with {go} into {entry / 'bin'}; this happens once per version "
@@ -203,10 +203,10 @@ def _build(go: str, entry: Path, out: TextIO) -> None:
     )
     try:
         _write_module(go, work, log, out)
-        _run(go, ["mod", "tidy"], work, log, out, "resolving Go modules")
+        run_logged(go, ["mod", "tidy"], work, log, out, "resolving Go modules")
         _check_etcd_version(work / "go.mod")
         (work / "bin").mkdir()
-        _run(
+        run_logged(
             go,
             ["build", "-v", "-trimpath", f"-ldflags={_ldflags()}", "-o", "bin/", *_PACKAGES],
             work,
@@ -227,7 +227,7 @@ def _build(go: str, entry: Path, out: TextIO) -> None:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _say(out, f"built the control plane in {time.monotonic() - started:.0f} s: {entry / 'bin'}")
+    say(out, f"built the control plane in {time.monotonic() - started:.0f} s: {entry / 'bin'}")
 
 
 def _ldflags() -> str:
@@ -242,7 +242,7 @@ def _ldflags() -> str:
 
 def _write_module(go: str, work: Path, log: Path, out: TextIO) -> None:
     """Write go.mod and tools.go of the throwaway module that builds the binaries."""
-    described = _run(
+    described = run_logged(
         go,
         ["mod", "download", "-json", f"{_KUBERNETES_MODULE}@{KUBERNETES_VERSION}"],
         work,
@@ -299,7 +299,7 @@ def _check_etcd_version(go_mod: Path) -> None:
         )
 
 
-def _run(
+def run_logged(
     go: str,
     args: Sequence[str],
     cwd: Path,
@@ -339,7 +339,7 @@ def _run(
     if return_code != 0:
         raise AssetsUnavailable(
             f"{what} failed (go {' '.join(args)} exited {return_code}); "
-            f"the end of {log}:\n{_tail(log)}"
+            f"the end of {log}:\n{tail(log)}"
         )
     return stdout.decode()
 
@@ -354,12 +354,12 @@ def _wait_reporting(
         except subprocess.TimeoutExpired:
             now = time.monotonic()
             if now >= next_report:
-                last = _tail(log, lines=1)
-                _say(out, f"{what}: {now - started:.0f} s elapsed" + (f" ({last})" if last else ""))
+                last = tail(log, lines=1)
+                say(out, f"{what}: {now - started:.0f} s elapsed" + (f" ({last})" if last else ""))
                 next_report += PROGRESS_INTERVAL
 
 
-def _tail(path: Path, *, lines: int = 30) -> str:
+def tail(path: Path, *, lines: int = 30) -> str:
     try:
         with open(path, "rb") as file:
             file.seek(0, os.SEEK_END)
@@ -370,7 +370,7 @@ def _tail(path: Path, *, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _say(out: TextIO, message: str) -> None:
+def say(out: TextIO, message: str) -> None:
     print(f"kubelock.testing: {message}", file=out, flush=True)
 
 

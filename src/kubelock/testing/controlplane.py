@@ -58,6 +58,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .assets import tail
+
 __all__ = [
     "ControlPlane",
     "ControlPlaneError",
@@ -238,7 +240,7 @@ class ControlPlane:
         """
         process, self._etcd = self._etcd, None
         if process is not None:
-            _terminate(process, grace=1.0 if self._apiserver is not None else STOP_GRACE)
+            terminate(process, grace=1.0 if self._apiserver is not None else STOP_GRACE)
 
     def start_apiserver(self) -> None:
         """Start kube-apiserver (same port and certificates, if restarting); wait for /readyz."""
@@ -275,7 +277,7 @@ class ControlPlane:
         """Stop kube-apiserver; clients get connection errors until `start_apiserver()`."""
         process, self._apiserver = self._apiserver, None
         if process is not None:
-            _terminate(process)
+            terminate(process)
 
     # -- where and who -------------------------------------------------------
 
@@ -535,7 +537,7 @@ class ControlPlane:
         if self._prepared:
             return
         self._workdir.mkdir(parents=True, exist_ok=True)
-        self._etcd_port, self._etcd_peer_port, self._port = _free_ports(3)
+        self._etcd_port, self._etcd_peer_port, self._port = free_ports(3)
         _write_pki(self._workdir)
         users = [(self._admin_token, _ADMIN, "system:masters")]
         users += [(token, name, "") for name, token in self._spare_users.items()]
@@ -551,7 +553,7 @@ class ControlPlane:
         log = self._workdir / f"{name}.log"
         argv = [str(self._bin_dir / name), *args]
         atexit.register(self.stop)  # the safety net; registering twice is harmless
-        process = _Spawner.start(argv, log)
+        process = Spawner.start(argv, log)
         self._started_pids.append(process.pid)
         return process
 
@@ -564,12 +566,12 @@ class ControlPlane:
             if process.poll() is not None:
                 raise ControlPlaneError(
                     f"{name} exited with status {process.returncode} while starting; "
-                    f"the end of {log}:\n{_tail(log)}"
+                    f"the end of {log}:\n{tail(log, lines=40)}"
                 )
             if time.monotonic() > deadline:
                 raise ControlPlaneError(
                     f"{name} was not ready after {self._startup_timeout:.0f} s; "
-                    f"the end of {log}:\n{_tail(log)}"
+                    f"the end of {log}:\n{tail(log, lines=40)}"
                 )
             time.sleep(0.1)
 
@@ -653,14 +655,14 @@ def process_alive(pid: int) -> bool:
 # -- processes ---------------------------------------------------------------
 
 
-class _Spawner:
+class Spawner:
     """The one thread that starts children; a daemon, it lives as long as the process.
 
     PR_SET_PDEATHSIG fires when the starting *thread* exits, so a child started
     from a short-lived thread would die with it.
     """
 
-    _instance: _Spawner | None = None
+    _instance: Spawner | None = None
     _instance_lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -708,7 +710,7 @@ def _start_child(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _terminate(process: subprocess.Popen[bytes], *, grace: float = STOP_GRACE) -> None:
+def terminate(process: subprocess.Popen[bytes], *, grace: float = STOP_GRACE) -> None:
     """SIGTERM the process group, SIGKILL it after `grace` seconds, reap the leader."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
@@ -722,7 +724,7 @@ def _terminate(process: subprocess.Popen[bytes], *, grace: float = STOP_GRACE) -
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct free loopback ports (free now; the children bind them right after)."""
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
@@ -732,14 +734,6 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def _tail(path: Path, *, lines: int = 40) -> str:
-    try:
-        text = path.read_bytes()[-16384:].decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _status_message(answer: httpx.Response) -> str:

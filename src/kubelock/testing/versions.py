@@ -19,3 +19,7 @@ ETCD_VERSION: Final = "v3.6.8"
 
 GO_MINIMUM: Final = (1, 26)
 """The oldest Go toolchain that builds them (the `go` line of Kubernetes' go.mod)."""
+
+PUSHGATEWAY_VERSION: Final = "v1.11.4"
+"""The Pushgateway for the metrics tests: `github.com/prometheus/pushgateway` when
+the Go module proxy serves it, else Debian's `prometheus-pushgateway` on PATH."""
