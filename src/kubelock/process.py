@@ -194,12 +194,19 @@ class Child:
         self.hard_deadline())``, shielded, and then the exception propagates;
         :attr:`status` then holds the status. So ``with scope: await
         child.wait()`` never leaves a running child behind.
+
+        When the child exits by itself, whatever it left running in its
+        process group (``worker &``) gets SIGKILL before it is reaped: nothing
+        the command started may go on once the lock is released.
         """
         try:
             await self._wait_exited()
         except BaseException:
             await self.terminate(self.grace_period, self.hard_deadline())
             raise
+        # The exited leader is a zombie still holding the group id: stragglers go now.
+        if self.kill():
+            logger.debug("killed what the command left running in its process group")
         return await self._reap()
 
     async def terminate(self, grace_period: float, hard_deadline: float | None) -> int:

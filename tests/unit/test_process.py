@@ -439,3 +439,13 @@ def partial_run(command: list[str], grace: float, reap: bool) -> Callable[[], Aw
 
 if __name__ == "__main__":
     sys.exit(_drive(sys.argv[1:]))
+
+
+async def test_what_the_command_left_running_dies_when_it_exits(tmp_path: Path) -> None:
+    """`worker & exit 0` must not keep working once the lock is released."""
+    pid_file = tmp_path / "worker.pid"
+    child = await Child.start(["sh", "-c", f"sleep 3600 & echo $! > {pid_file}; exit 0"])
+    with trio.fail_after(PATIENCE):
+        assert await child.wait() == 0
+        worker_pid = int(pid_file.read_text())
+        await _until(lambda: not _is_alive(worker_pid))
