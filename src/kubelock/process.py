@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
 
@@ -328,6 +329,21 @@ def is_init() -> bool:
     return os.getpid() == 1
 
 
+def _outer_process_is_init() -> bool:
+    """A one-file executable whose launcher is PID 1: become the reaper in its place.
+
+    PyInstaller's one-file launcher runs kubelock as its child and does not reap
+    orphans; as a subreaper, kubelock receives them instead.
+    """
+    if not getattr(sys, "frozen", False) or os.getppid() != 1:
+        return False
+    try:
+        become_subreaper()
+    except OSError:
+        return False
+    return True
+
+
 def become_subreaper() -> None:
     """Make orphaned descendants reparent to this process, as to PID 1 (Linux only)."""
     pr_set_child_subreaper = 36
@@ -420,7 +436,7 @@ async def run_child(
     the termination's own deadlines decide.
     """
     if reap is None:
-        reap = is_init()
+        reap = is_init() or _outer_process_is_init()
     with trio.open_signal_receiver(*FORWARDED_SIGNALS) as received:
         child = await Child.start(argv, env, grace_period=grace_period, hard_deadline=hard_deadline)
         task_status.started(child)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,20 @@ def read_intervals(path: Path) -> list[tuple[str, float, float]]:
         name, start, end = line.split()
         intervals.append((name, float(start), float(end)))
     return sorted(intervals, key=lambda interval: interval[1])
+
+
+# A child that records when it held the lock: `NAME START END`, appended to a file.
+HOLD = 'start=$(date +%s.%N); sleep "$2"; echo "$1 $start $(date +%s.%N)" >> "$3"'
+
+
+def hold_command(name: str, seconds: float, log: Path) -> list[str]:
+    return ["sh", "-c", HOLD, "sh", name, str(seconds), str(log)]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -16,25 +16,18 @@ import pytest
 from kubelock.errors import EXIT_LEASE_LOST, EXIT_NOT_FOUND
 from kubelock.testing import ControlPlane, InClusterFactory
 
-from .kubelock_proc import lease, lease_names, read_intervals, renew_time, run, spawn
-
-# A child that records when it held the lock: `NAME START END`, appended to a file.
-HOLD = 'start=$(date +%s.%N); sleep "$2"; echo "$1 $start $(date +%s.%N)" >> "$3"'
+from .kubelock_proc import (
+    hold_command,
+    lease,
+    lease_names,
+    read_intervals,
+    renew_time,
+    run,
+    spawn,
+    wait_for,
+)
 
 FAST = ["--lease-duration", "15s", "--renew-deadline", "10s", "--retry-period", "2s"]
-
-
-def hold_command(name: str, seconds: float, log: Path) -> list[str]:
-    return ["sh", "-c", HOLD, "sh", name, str(seconds), str(log)]
-
-
-def wait_for(predicate: object, timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_three_contenders_take_turns_without_waiting_out_the_lease(

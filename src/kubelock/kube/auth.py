@@ -32,6 +32,7 @@ import importlib
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,12 @@ _INSTALL_HINT = (
     "pip install 'kubelock[kubeconfig]' to read kubeconfig files, "
     "or run kubelock inside a Pod to use its in-cluster configuration"
 )
+if getattr(sys, "frozen", False):  # the single-file executable, built without it
+    _INSTALL_HINT = (
+        "this kubelock executable reads only a Pod's in-cluster configuration; "
+        "for kubeconfig files use `pip install 'kubelock[kubeconfig]'` "
+        "or the executable built with --with-kubernetes"
+    )
 
 
 class TokenProvider(Protocol):
