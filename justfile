@@ -7,15 +7,37 @@ test: lint test-tools
     uv run python -m kubelock.testing.assets
     uv run pytest
 
-# ruff and mypy --strict
+# ruff, mypy --strict and hadolint
 lint:
     uv run ruff check
     uv run ruff format --check
     uv run mypy
+    scripts/lint-dockerfile
 
 # a local control plane and three kubelocks racing for one lock, with a timeline
 demo:
     uv run python scripts/demo.py
+
+# the single-file executable users copy into their images: dist/kubelock
+executable *ARGS:
+    scripts/build-executable {{ARGS}}
+
+# the container image (needs a Docker engine)
+image TAG="kubelock:dev":
+    docker build -t {{TAG}} .
+
+# end-to-end on kind (E2E_CLUSTER=minikube for minikube): images, the example, checks, clean-up
+e2e:
+    uv run pytest -m e2e tests/e2e
+
+# the original's `make minikube`: namespace, images built inside minikube, the example applied
+minikube:
+    kubectl config use-context minikube
+    kubectl delete namespace kubelock-example --ignore-not-found
+    eval "$(minikube docker-env)" && docker build -t kubelock:dev . \
+        && docker build --build-arg KUBELOCK_IMAGE=kubelock:dev -t kubelock-example-app:dev examples/init-container/app
+    kubectl apply -k examples/init-container
+    kubectl -n kubelock-example rollout status deployment/example-app --timeout=5m
 
 # hand-off latency, a waiting contender's request rate, start-up cost
 bench:
