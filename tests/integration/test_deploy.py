@@ -1,0 +1,454 @@
+"""What users apply: the kustomizations, the RBAC they grant, and the init-container example.
+
+Against the real kube-apiserver:
+
+- every kustomization under deploy/ and examples/ renders with `kubectl
+  kustomize` and passes a server-side dry run (components through an overlay
+  on the base, as users use them);
+- the base Role is minimal. "Minimal" means: with it, kubelock runs the whole
+  life of a lock cleanly (the first run creates the Lease, a later holder
+  takes it over, a waiter waits for it, each one releases it); without `get`,
+  `create` or `update`, some step of that life fails with kubelock's RBAC
+  message naming the verb. `watch` is the one optional verb: without it the
+  same life still succeeds, because a waiter whose watch is refused polls
+  every --retry-period instead; it is in the base because with it a release
+  wakes the waiters within milliseconds instead of up to ~2 retry periods
+  (see benchmarks/ for hand-off latency, not an assert here);
+- the init-container example's story: three "Pods" (processes with a Pod's
+  in-cluster environment, running the init container's own command) migrate
+  one at a time, and only the first finds anything to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import subprocess
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kubelock.testing import ControlPlane
+
+from .kubelock_proc import clean_environment, kubelock_argv, lease, run, spawn, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "deploy" / "kustomize" / "base"
+COMPONENTS = REPO / "deploy" / "kustomize" / "components"
+EXAMPLE = REPO / "examples" / "init-container"
+
+LOCK_NAME = "example-app"  # kubelock's default --name, and the base Role's resourceNames
+VERBS = ("get", "create", "update", "watch")
+# Short, valid timings so that waiting out a lease (no `update`: no release) takes seconds.
+QUICK = ["--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms"]
+RBAC_MESSAGE = "cannot {verb} {resource}"
+RBAC_REFUSAL = re.compile(r"cannot \w+ (leases|endpoints|configmaps)\b")
+# kubelock --verbose logs each API call; a refused watch reads like "API watch: 403 in 3ms".
+WATCH_REFUSED = re.compile(r"\bwatch\b.*\b403\b")
+
+
+def kustomization_dirs() -> list[Path]:
+    """Every folder with a kustomization.yaml in deploy/ and examples/."""
+    found = sorted(
+        path.parent
+        for root in (REPO / "deploy", REPO / "examples")
+        for path in root.rglob("kustomization.yaml")
+    )
+    return found
+
+
+def is_component(folder: Path) -> bool:
+    return (
+        re.search(r"^kind:\s*Component\s*$", (folder / "kustomization.yaml").read_text(), re.M)
+        is not None
+    )
+
+
+def overlay(
+    folder: Path,
+    *,
+    resources: Sequence[Path] = (BASE,),
+    components: Sequence[Path] = (),
+    namespace: str | None = None,
+) -> Path:
+    """Write a kustomization in `folder` that uses the given ones, as a user's own would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization"]
+    if namespace is not None:
+        lines.append(f"namespace: {namespace}")
+    lines.append("resources:")
+    lines += [f"  - {os.path.relpath(path, folder)}" for path in resources]
+    if components:
+        lines.append("components:")
+        lines += [f"  - {os.path.relpath(path, folder)}" for path in components]
+    (folder / "kustomization.yaml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def render(control_plane: ControlPlane, folder: Path) -> tuple[str, list[dict[str, Any]]]:
+    """`kubectl kustomize folder`: the YAML, and the same objects as JSON."""
+    rendered = control_plane.kubectl("kustomize", str(folder)).stdout
+    as_json = control_plane.kubectl(
+        "create", "--dry-run=client", "-o", "json", "-f", "-", input=rendered
+    ).stdout
+    # One JSON document per object, one after the other.
+    decoder, position = json.JSONDecoder(), 0
+    objects: list[dict[str, Any]] = []
+    while as_json[position:].strip():
+        found, end = decoder.raw_decode(as_json, position)
+        objects.extend(found["items"] if found.get("kind") == "List" else [found])
+        position = end
+        while position < len(as_json) and as_json[position].isspace():
+            position += 1
+    return rendered, objects
+
+
+def ensure_namespaces(admin: httpx.Client, objects: Sequence[dict[str, Any]]) -> None:
+    """Create (for real) the namespaces the objects live in, so a dry run can place them."""
+    for name in sorted(
+        {o["metadata"]["namespace"] for o in objects if "namespace" in o["metadata"]}
+    ):
+        created = admin.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+        assert created.status_code in (201, 409), created.text
+
+
+def the_one(objects: Sequence[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+    return matches[0]
+
+
+def allowed(
+    admin: httpx.Client, namespace: str, user: str, verb: str, group: str, resource: str, name: str
+) -> bool:
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+            "resourceAttributes": {
+                "namespace": namespace,
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+                # RBAC cannot narrow `create` by name: ask as the API server asks.
+                "name": "" if verb == "create" else name,
+            },
+        },
+    }
+    answer = admin.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review)
+    assert answer.status_code == 201, answer.text
+    return bool(answer.json()["status"].get("allowed"))
+
+
+# -- every kustomization renders and the API server accepts it ------------------
+
+
+def test_the_kustomizations_are_all_found() -> None:
+    """The parametrized test below covers what this list names: a moved file fails here."""
+    names = {str(path.relative_to(REPO)) for path in kustomization_dirs()}
+    assert {
+        "deploy/kustomize/base",
+        "deploy/kustomize/components/configmaps",
+        "deploy/kustomize/components/endpoints",
+        "examples/init-container",
+    } <= names
+
+
+@pytest.mark.parametrize(
+    "folder", kustomization_dirs(), ids=lambda path: str(path.relative_to(REPO))
+)
+def test_each_kustomization_renders_and_passes_a_server_side_dry_run(
+    control_plane: ControlPlane, admin: httpx.Client, tmp_path: Path, folder: Path
+) -> None:
+    component = is_component(folder)
+    target = overlay(tmp_path / "overlay", components=[folder]) if component else folder
+    rendered, objects = render(control_plane, target)
+    assert objects, f"{folder} renders nothing"
+    ensure_namespaces(admin, objects)
+
+    applied = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    assert applied.stdout.count("(server dry run)") == len(objects), applied.stdout
+
+    if component:
+        role = the_one(objects, "Role", "kubelock")
+        assert {resource for rule in role["rules"] for resource in rule["resources"]} == {
+            folder.name
+        }
+
+
+# -- the base Role is exactly what kubelock needs ----------------------------------
+
+
+def apply_base_rbac(
+    control_plane: ControlPlane,
+    admin: httpx.Client,
+    tmp_path: Path,
+    namespace: str,
+    *,
+    lock_type: str = "leases",
+    without: str | None = None,
+) -> None:
+    """Apply the base (with the lock type's component) into `namespace`, minus one verb.
+
+    Returns once RBAC's cache answers as the Role says.
+    """
+    components = [] if lock_type == "leases" else [COMPONENTS / lock_type]
+    _, objects = render(
+        control_plane,
+        overlay(tmp_path / "rbac", components=components, namespace=namespace),
+    )
+    role = the_one(objects, "Role", "kubelock")
+    verbs_granted = {verb for rule in role["rules"] for verb in rule["verbs"]}
+    assert verbs_granted == set(VERBS), f"the base Role grants {sorted(verbs_granted)}"
+    group = role["rules"][0]["apiGroups"][0]
+    if without is not None:
+        for rule in role["rules"]:
+            rule["verbs"] = [verb for verb in rule["verbs"] if verb != without]
+        role["rules"] = [rule for rule in role["rules"] if rule["verbs"]]
+    control_plane.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    )
+
+    user = f"system:serviceaccount:{namespace}:kubelock"
+
+    def rbac_follows_the_role() -> bool:
+        return all(
+            allowed(admin, namespace, user, verb, group, lock_type, LOCK_NAME) is (verb != without)
+            for verb in VERBS
+        )
+
+    wait_for(rbac_follows_the_role, what=f"RBAC to answer as the Role without {without} says")
+    # ...and nothing beyond the lock itself.
+    assert not allowed(admin, namespace, user, "get", group, lock_type, "another-lock")
+    assert not allowed(admin, namespace, user, "list", group, lock_type, "")
+    assert not allowed(admin, namespace, user, "delete", group, lock_type, LOCK_NAME)
+
+
+def life_of_a_lock(
+    env: dict[str, str], lock_type: str, admin: httpx.Client, namespace: str
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """The three steps every lock goes through, as three Pods would run them.
+
+    `first` creates the lock and releases it; `holder` takes the existing lock
+    over; `waiter` starts while `holder` holds it, so it has to wait (with a
+    watch where allowed) until `holder` releases it.
+    """
+    options = ["--lock-type", lock_type, *QUICK, "--verbose"]
+    results = {"first": run([*options, "--id", "first", "--", "true"], env=env, timeout=60)}
+
+    holder = spawn(
+        [*options, "--id", "holder", "--", "sleep", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+    def holder_holds_or_ended() -> bool:
+        if holder.poll() is not None:
+            return True
+        return holder_identity(admin, namespace, lock_type) == "holder"
+
+    try:
+        wait_for(holder_holds_or_ended, what="`holder` to hold the lock or give up")
+        results["waiter"] = run([*options, "--id", "waiter", "--", "true"], env=env, timeout=60)
+        stdout, stderr = holder.communicate(timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    results["holder"] = subprocess.CompletedProcess(holder.args, holder.returncode, stdout, stderr)
+    return results
+
+
+def holder_identity(admin: httpx.Client, namespace: str, lock_type: str) -> str | None:
+    if lock_type == "leases":
+        found = lease(admin, namespace, LOCK_NAME)
+        return None if found is None else found["spec"].get("holderIdentity")
+    answer = admin.get(f"/api/v1/namespaces/{namespace}/{lock_type}/{LOCK_NAME}")
+    if answer.status_code == 404:
+        return None
+    record = (
+        answer.json()["metadata"]
+        .get("annotations", {})
+        .get("control-plane.alpha.kubernetes.io/leader")
+    )
+    return None if record is None else json.loads(record).get("holderIdentity")
+
+
+def show(results: dict[str, subprocess.CompletedProcess[str]]) -> str:
+    return "\n".join(
+        f"--- {name}: exit {result.returncode}\n{result.stderr}" for name, result in results.items()
+    )
+
+
+def assert_clean(results: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    """Every step succeeded, released the lock, and the waiter really waited."""
+    for result in results.values():
+        assert result.returncode == 0, show(results)
+        assert "could not release" not in result.stderr, show(results)
+        assert not RBAC_REFUSAL.search(result.stderr), show(results)
+    assert "held by 'holder'" in results["waiter"].stderr, show(results)
+
+
+@pytest.mark.parametrize("lock_type", ["leases", "endpoints", "configmaps"])
+def test_with_the_shipped_role_a_lock_lives_its_whole_life_cleanly(
+    control_plane: ControlPlane,
+    admin: httpx.Client,
+    namespace: str,
+    tmp_path: Path,
+    lock_type: str,
+) -> None:
+    apply_base_rbac(control_plane, admin, tmp_path, namespace, lock_type=lock_type)
+    env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
+
+    results = life_of_a_lock(env, lock_type, admin, namespace)
+
+    assert_clean(results)
+    assert not WATCH_REFUSED.search(results["waiter"].stderr), show(results)
+
+
+@pytest.mark.parametrize("verb", ["get", "create", "update"])
+def test_without_any_one_required_verb_kubelock_fails_with_its_rbac_message(
+    control_plane: ControlPlane,
+    admin: httpx.Client,
+    namespace: str,
+    tmp_path: Path,
+    verb: str,
+) -> None:
+    apply_base_rbac(control_plane, admin, tmp_path, namespace, without=verb)
+    env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
+
+    results = life_of_a_lock(env, "leases", admin, namespace)
+
+    message = RBAC_MESSAGE.format(verb=verb, resource="leases")
+    refused = [r for r in results.values() if r.returncode != 0 and message in r.stderr]
+    assert refused, f"no run failed with {message!r}:\n{show(results)}"
+    for result in refused:
+        # One line for people, naming the verb to grant, not a traceback.
+        assert "Traceback" not in result.stderr, show(results)
+
+
+def test_without_watch_waiters_poll_and_the_lock_still_lives_its_whole_life(
+    control_plane: ControlPlane, admin: httpx.Client, namespace: str, tmp_path: Path
+) -> None:
+    apply_base_rbac(control_plane, admin, tmp_path, namespace, without="watch")
+    env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
+
+    results = life_of_a_lock(env, "leases", admin, namespace)
+
+    assert_clean(results)
+    # The waiter did try to watch, was refused, and got the lock by polling.
+    assert WATCH_REFUSED.search(results["waiter"].stderr), show(results)
+
+
+# -- the init-container example's story ----------------------------------------------
+
+
+MIGRATIONS = ["0001_initial", "0002_customer_email", "0003_order_index"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One line of the example database's `runs`: who migrated, when, and what it did."""
+
+    pod: str
+    start: datetime
+    end: datetime
+    outcome: str
+
+
+def assert_migrated_one_at_a_time(database: dict[str, str], pods: Sequence[str]) -> list[Run]:
+    """The example's ledger (ConfigMap `example-db`) after `pods` ran `migrate` once each.
+
+    Their runs never overlapped, the first applied every migration and the
+    others, later, found nothing to do. Returns the runs in order.
+    """
+    assert database["running"] == "", database
+    assert database["applied"].split() == MIGRATIONS, database
+    runs = []
+    for line in database["runs"].splitlines()[-len(pods) :]:
+        pod, start, end, *outcome = line.split()
+        runs.append(
+            Run(
+                pod,
+                datetime.fromisoformat(start.removeprefix("start=")),
+                datetime.fromisoformat(end.removeprefix("end=")),
+                " ".join(outcome),
+            )
+        )
+    assert sorted(run.pod for run in runs) == sorted(pods), database["runs"]
+    for previous, following in itertools.pairwise(runs):
+        assert previous.end <= following.start, f"two migrations overlapped:\n{database['runs']}"
+    return runs
+
+
+def test_the_example_pods_migrate_one_at_a_time_and_only_the_first_finds_work(
+    control_plane: ControlPlane, admin: httpx.Client, namespace: str, tmp_path: Path
+) -> None:
+    _, objects = render(
+        control_plane, overlay(tmp_path / "example", resources=[EXAMPLE], namespace=namespace)
+    )
+    control_plane.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    )
+    user = f"system:serviceaccount:{namespace}:kubelock"
+    wait_for(
+        lambda: (
+            allowed(admin, namespace, user, "update", "coordination.k8s.io", "leases", "migrations")
+            and allowed(admin, namespace, user, "update", "", "configmaps", "example-db")
+        ),
+        what="RBAC to allow the example's ServiceAccount its lock and its database",
+    )
+
+    # The init container exactly as deployment.yaml has it, with the image's
+    # /app/ here and kubelock the one under test.
+    deployment = the_one(objects, "Deployment", "example-app")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "kubelock"
+    (init,) = [container for container in pod["initContainers"] if container["name"] == "migrate"]
+    argv = [*init["command"], *init["args"]]
+    assert argv[0] == "kubelock"
+    argv = [arg.replace("/app/", f"{EXAMPLE / 'app'}/") for arg in argv[1:]]
+    replicas = deployment["spec"]["replicas"]
+    assert replicas == 3
+
+    pods = [f"example-app-5d8f-{suffix}" for suffix in ("a1b2c", "d3e4f", "g5h6i")]
+    processes = []
+    for name in pods:
+        env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / name)
+        env |= {"HOSTNAME": name, "POD_NAME": name, "SECONDS_PER_MIGRATION": "1.5"}
+        processes.append(
+            subprocess.Popen(
+                kubelock_argv(*argv),
+                env=clean_environment(env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = {}
+    for name, process in zip(pods, processes, strict=True):
+        logs[name], _ = process.communicate(timeout=120)
+        assert process.returncode == 0, logs[name]
+
+    database = admin.get(f"/api/v1/namespaces/{namespace}/configmaps/example-db").json()["data"]
+    runs = assert_migrated_one_at_a_time(database, pods)
+    assert runs[0].outcome == f"applied {','.join(MIGRATIONS)}", database["runs"]
+    assert [run.outcome for run in runs[1:]] == ["nothing to do", "nothing to do"]
+
+    # What `kubectl logs <pod> -c migrate` shows: the first migrated, the others waited.
+    migrated = [name for name in pods if "Applying example.0001_initial" in logs[name]]
+    assert migrated == [runs[0].pod], logs
+    for name in pods:
+        if name not in migrated:
+            assert "waiting for the lock, held by" in logs[name], logs[name]
+            assert "No migrations to apply." in logs[name], logs[name]
