@@ -160,6 +160,7 @@ def test_the_kustomizations_are_all_found() -> None:
         "deploy/kustomize/components/configmaps",
         "deploy/kustomize/components/endpoints",
         "examples/init-container",
+        "examples/singleton",
     } <= names
 
 
