@@ -41,16 +41,19 @@ def timed_runs(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
 
 def peak_memory_kib(argv: list[str], env: dict[str, str]) -> int:
     """VmHWM of kubelock itself (not its child) after holding the lock for a while."""
-    process = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(6)  # acquired, and a couple of renewals
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        return next(
-            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")
-        )
-    finally:
-        process.terminate()
-        process.wait()
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(argv, env=env, stderr=stderr, text=True)
+        try:
+            time.sleep(6)  # acquired, and a couple of renewals
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            for line in status.splitlines():
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1])
+            stderr.seek(0)
+            raise RuntimeError(f"kubelock exited early ({process.poll()}):\n{stderr.read()}")
+        finally:
+            process.terminate()
+            process.wait()
 
 
 def main() -> None:
@@ -73,21 +76,29 @@ def main() -> None:
         }
         file_env = {**base_env, "KUBECONFIG": str(kubeconfig)}
         print(f"kubelock: {' '.join(kubelock)}")
-        for label, env in (("kubeconfig", file_env), ("in-cluster", pod_env)):
-            argv = [*kubelock, "--name", f"startup-{label}", "--", "true"]
+        variants: tuple[tuple[str, dict[str, str], list[str]], ...] = (
+            ("kubeconfig", file_env, []),
+            ("in-cluster", pod_env, []),
+            ("in-cluster + metrics", pod_env, ["--metrics-address", "127.0.0.1:0"]),
+        )
+        for label, env, extra in variants:
+            slug = label.replace(" + ", "-")
+            argv = [*kubelock, *extra, "--name", f"startup-{slug}", "--", "true"]
             subprocess.run(argv, env=env, check=True, stderr=subprocess.DEVNULL)  # warm caches
             times = timed_runs(argv, env, args.runs)
             peak = peak_memory_kib(
-                [*kubelock, "--name", f"memory-{label}", "--", "sleep", "30"], env
+                [*kubelock, *extra, "--name", f"memory-{slug}", "--", "sleep", "30"], env
             )
             print(
-                f"{label:>10}: `kubelock -- true` median {statistics.median(times) * 1000:.0f} ms "
+                f"{label:>20}: `kubelock -- true` median {statistics.median(times) * 1000:.0f} ms "
                 f"(min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f}, {args.runs} runs); "
                 f"peak RSS while holding {peak / 1024:.1f} MiB"
             )
         version = [*kubelock, "--version"]
         times = timed_runs(version, base_env, args.runs)
-        print(f"   version: `kubelock --version` median {statistics.median(times) * 1000:.0f} ms")
+        print(
+            f"{'version':>20}: `kubelock --version` median {statistics.median(times) * 1000:.0f} ms"
+        )
 
 
 if __name__ == "__main__":
