@@ -82,7 +82,10 @@ async def supervise(settings: Settings) -> int:
                     metrics.started()
                     if settings.metrics_address is not None:
                         host, port = settings.metrics_address
-                        await services.start(metrics.serve, host, port)
+                        bound_host, bound_port = await services.start(metrics.serve, host, port)
+                        logger.info(
+                            "serving /metrics and /healthz on %s:%d", bound_host, bound_port
+                        )
                     if settings.pushgateway is not None:
                         services.start_soon(metrics.push_periodically, settings.pushgateway)
                 status = await _wait_and_run(settings, config, namespace, observe, metrics, signals)
