@@ -50,8 +50,6 @@ __all__ = [
     "running_pushgateway",
 ]
 
-"""The `github.com/prometheus/pushgateway` module built when none is installed."""
-
 BINARY_VARIABLE: Final = "PUSHGATEWAY_BINARY"
 INSTALLED_NAMES: Final = ("prometheus-pushgateway", "pushgateway")
 """Names a Pushgateway goes by on PATH: Debian's package, then upstream's."""
@@ -60,6 +58,7 @@ STARTUP_TIMEOUT: Final = 30.0
 """Seconds a started Pushgateway has to answer ``/-/ready``."""
 
 _MODULE: Final = "github.com/prometheus/pushgateway"
+"""The Go module built when no Pushgateway is installed."""
 
 
 class PushgatewayUnavailable(RuntimeError):
