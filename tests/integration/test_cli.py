@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kubelock.errors import EXIT_LEASE_LOST, EXIT_NOT_FOUND
-from kubelock.testing import ControlPlane, InClusterFactory
+from kubelock.errors import EXIT_ERROR, EXIT_LEASE_LOST, EXIT_NOT_FOUND
+from kubelock.testing import ControlPlane, IdentityFactory, InClusterFactory
 
 from .kubelock_proc import (
     hold_command,
@@ -477,3 +477,18 @@ def test_the_original_readmes_three_terminals_with_one_id_still_take_turns(
     assert len(intervals) == 3
     for (_, _, end), (_, next_start, _) in itertools.pairwise(intervals):
         assert end <= next_start
+
+
+def test_rbac_denial_exits_1_naming_the_missing_rule_and_writes_nothing(
+    identity: IdentityFactory, namespace: str, admin: httpx.Client
+) -> None:
+    reader = identity(
+        [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get"]}]
+    )
+    result = run(["--kubeconfig", str(reader.kubeconfig), "--name", "guarded", "true"])
+    assert result.returncode == EXIT_ERROR, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "cannot create" in line]
+    assert len(error_lines) == 1, result.stderr
+    assert f'cannot create leases "guarded" in namespace "{namespace}"' in error_lines[0]
+    assert 'verbs: ["create"]' in error_lines[0]
+    assert lease_names(admin, namespace) == []
