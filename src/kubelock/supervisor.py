@@ -113,7 +113,7 @@ async def _wait_and_run(
     async with ApiClient(config, observer=observe) as api:
         store = make_lock(settings.lock_type, api, settings.name, namespace)
         elector = Elector(store, settings.identity, settings.timing, observer=observe)
-        logger.info("waiting for the lock %s as %s", store.describe(), settings.identity)
+        logger.info("taking the lock %s as %s", store.describe(), settings.identity)
         stopped_by = await _acquire_unless_stopped(elector, signals)
         if stopped_by is not None:
             logger.info(

@@ -135,7 +135,7 @@ async def test_forbidden_names_the_missing_rule_and_granting_it_works(
             await api.replace(lease_path(namespace), current)
         message = str(raised.value)
         assert message.startswith(
-            f'kubelock cannot update leases "app" in namespace "{namespace}": forbidden. '
+            f'cannot update leases "app" in namespace "{namespace}": forbidden. '
             'Grant the verb with a Role rule {apiGroups: ["coordination.k8s.io"], '
             'resources: ["leases"], verbs: ["update"]}. The server said: '
         )

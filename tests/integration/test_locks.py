@@ -289,7 +289,7 @@ async def test_a_lock_without_rights_is_forbidden_with_the_rule_to_add(
         with pytest.raises(Forbidden) as raised:
             await LeaseLock(api, "app", namespace).get()
     assert str(raised.value).startswith(
-        f'kubelock cannot get leases "app" in namespace "{namespace}": forbidden. '
+        f'cannot get leases "app" in namespace "{namespace}": forbidden. '
         'Grant the verb with a Role rule {apiGroups: ["coordination.k8s.io"], '
         'resources: ["leases"], verbs: ["get"]}. The server said: '
     )

@@ -152,7 +152,7 @@ async def test_forbidden_names_the_verb_the_object_and_the_missing_rule() -> Non
         with pytest.raises(Forbidden) as raised:
             await api.replace(LEASE, LEASE_OBJECT)
     assert str(raised.value) == (
-        'kubelock cannot update leases "app" in namespace "ns": forbidden. Grant the verb with '
+        'cannot update leases "app" in namespace "ns": forbidden. Grant the verb with '
         'a Role rule {apiGroups: ["coordination.k8s.io"], resources: ["leases"], '
         f'verbs: ["update"]}}. The server said: {server_words}'
     )

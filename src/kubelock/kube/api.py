@@ -304,7 +304,7 @@ class ApiClient:
                     self._report(verb, "error", started)
                     if _tls_rejected(problem):
                         raise Unreachable(
-                            f"kubelock cannot {verb} {target}: the API server's TLS "
+                            f"cannot {verb} {target}: the API server's TLS "
                             f"certificate was not accepted ({_transport_problem(problem)}); "
                             f"check the certificate authority in {self.config.source}",
                             verb=verb,
@@ -312,7 +312,7 @@ class ApiClient:
                         ) from None
                     sent_nothing = isinstance(problem, httpx.ConnectError | httpx.ConnectTimeout)
                     error = Unreachable(
-                        f"kubelock cannot {verb} {target}: no answer from the API server at "
+                        f"cannot {verb} {target}: no answer from the API server at "
                         f"{self.config.server} ({_transport_problem(problem)}); "
                         "check that it runs and is reachable",
                         verb=verb,
@@ -322,7 +322,7 @@ class ApiClient:
                 self._report(verb, "error", started)
                 hint = f" (last error: {last_error})" if last_error is not None else ""
                 raise Unreachable(
-                    f"kubelock cannot {verb} {target}: no answer from the API server at "
+                    f"cannot {verb} {target}: no answer from the API server at "
                     f"{self.config.server} within {budget:g}s; check that it runs and is "
                     f"reachable{hint}",
                     verb=verb,
@@ -400,7 +400,7 @@ class ApiClient:
                 except httpx.TransportError as problem:
                     self._report("watch", "error", started)
                     raise Unreachable(
-                        f"kubelock cannot watch {target}: no answer from the API server at "
+                        f"cannot watch {target}: no answer from the API server at "
                         f"{self.config.server} ({_transport_problem(problem)}); "
                         "check that it runs and is reachable",
                         verb="watch",
@@ -409,7 +409,7 @@ class ApiClient:
             if response is None:
                 self._report("watch", "error", started)
                 raise Unreachable(
-                    f"kubelock cannot watch {target}: no answer from the API server at "
+                    f"cannot watch {target}: no answer from the API server at "
                     f"{self.config.server} within {budget:g}s; check that it runs and is reachable",
                     verb="watch",
                     resource=target.resource,
@@ -447,7 +447,7 @@ class ApiClient:
             token = await trio.to_thread.run_sync(provider.token, abandon_on_cancel=True)
         except KubelockError as problem:
             raise ApiError(
-                f"kubelock cannot {verb} {target}: no credentials: {problem}",
+                f"cannot {verb} {target}: no credentials: {problem}",
                 verb=verb,
                 resource=target.resource,
             ) from None
@@ -475,7 +475,7 @@ def _status_error(
     reason = str(status.get("reason") or "")
     server = _one_line(str(status.get("message") or reason or f"HTTP {code}"))
     retry_after = _retry_after(retry_after_header, status)
-    head = f"kubelock cannot {verb} {target}"
+    head = f"cannot {verb} {target}"
 
     kind: type[StatusError]
     if code in (400, 422):
@@ -561,7 +561,7 @@ def _as_object(response: httpx.Response, verb: str, target: _Target) -> dict[str
         data = None
     if not isinstance(data, dict):
         raise ApiError(
-            f"kubelock cannot {verb} {target}: the API server answered "
+            f"cannot {verb} {target}: the API server answered "
             f"HTTP {response.status_code} with something that is not a JSON object; "
             "is the server address right?",
             verb=verb,
@@ -577,7 +577,7 @@ def _decode(line: str, verb: str, target: _Target) -> dict[str, Any]:
         data = None
     if not isinstance(data, dict):
         raise ApiError(
-            f"kubelock cannot {verb} {target}: the API server sent a watch event that is "
+            f"cannot {verb} {target}: the API server sent a watch event that is "
             f"not JSON: {_one_line(line)[:100]}",
             verb=verb,
             resource=target.resource,
