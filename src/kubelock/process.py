@@ -207,7 +207,7 @@ class Child:
             raise
         # The exited leader is a zombie still holding the group id: stragglers go now.
         if self.kill():
-            logger.debug("killed what the command left running in its process group")
+            logger.debug("sent SIGKILL to the command's process group, for anything left in it")
         return await self._reap()
 
     async def terminate(self, grace_period: float, hard_deadline: float | None) -> int:
