@@ -492,3 +492,45 @@ def test_rbac_denial_exits_1_naming_the_missing_rule_and_writes_nothing(
     assert f'cannot create leases "guarded" in namespace "{namespace}"' in error_lines[0]
     assert 'verbs: ["create"]' in error_lines[0]
     assert lease_names(admin, namespace) == []
+
+
+def test_renewals_survive_a_rotated_service_account_token(
+    control_plane: ControlPlane,
+    in_cluster: InClusterFactory,
+    namespace: str,
+    tmp_path: Path,
+    admin: httpx.Client,
+) -> None:
+    """The kubelet rotates bound tokens; a two-hour migration must not lose its lock to it."""
+    env = in_cluster(
+        namespace,
+        "migrator",
+        [
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "verbs": ["get", "create", "update", "watch"],
+            }
+        ],
+    )
+    token_file = Path(env["KUBELOCK_SERVICEACCOUNT_DIR"]) / "token"
+    ready = tmp_path / "ready"
+    process = spawn(
+        ["--name", "rotated", *SHORT, "sh", "-c", f"touch {ready}; sleep 20"],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    wait_for(ready.exists, what="the child to start")
+    # Invalidate the old token: a ServiceAccount deleted and made again has a new
+    # UID, and tokens bound to the old one are refused (after the API server's
+    # 10 s token cache). The kubelet would write the new token into the mount.
+    path = f"/api/v1/namespaces/{namespace}/serviceaccounts/migrator"
+    admin.delete(path).raise_for_status()
+    control_plane.create_service_account(namespace, "migrator")
+    token_file.write_text(control_plane.request_token(namespace, "migrator"))
+    assert process.wait(timeout=120) == 0  # not 75: no renewal was lost to the rotation
+    assert process.stderr is not None
+    assert "lost the lock" not in process.stderr.read()
+    record = lease(admin, namespace, "rotated")
+    assert record is not None
+    assert record["spec"]["holderIdentity"] == ""  # released with the new token
