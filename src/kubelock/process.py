@@ -119,6 +119,7 @@ class Child:
         self._has_exited = False  # the pidfd said so; the child may still be unreaped
         self._exited: ChildExited | None = None
         self._pidfd: int | None = None
+        self._terminal: int | None = None  # the terminal handed to the child's group
         with contextlib.suppress(AttributeError, OSError):  # no pidfd: see the module doc
             self._pidfd = os.pidfd_open(process.pid)
 
@@ -155,7 +156,39 @@ class Child:
         finally:
             _registry.spawning -= 1
         logger.debug("started %r as PID %d", argv[0], process.pid)
-        return cls(process, tuple(argv), grace_period=grace_period, hard_deadline=hard_deadline)
+        child = cls(process, tuple(argv), grace_period=grace_period, hard_deadline=hard_deadline)
+        child._hand_terminal()
+        return child
+
+    def _hand_terminal(self) -> None:
+        """In a terminal's foreground, make the child's group the foreground, as a shell does.
+
+        Otherwise a command that reads the terminal (``kubelock -- psql``) is
+        stopped by SIGTTIN. SIGCONT resumes it if it already tried. Keyboard
+        signals (Ctrl-C) then go to the command, as they would without kubelock.
+        """
+        try:
+            if not os.isatty(0) or os.tcgetpgrp(0) != os.getpgrp():
+                return
+            os.tcsetpgrp(0, self.pid)
+        except OSError:
+            return
+        self._terminal = 0
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGCONT)
+
+    def _take_back_terminal(self) -> None:
+        """Make kubelock's group the terminal's foreground again (SIGTTOU blocked meanwhile)."""
+        if self._terminal is None:
+            return
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+        try:
+            os.tcsetpgrp(self._terminal, os.getpgrp())
+        except OSError:
+            pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            self._terminal = None
 
     @property
     def status(self) -> int | None:
@@ -265,6 +298,7 @@ class Child:
                 os.close(self._pidfd)
                 self._pidfd = None
             _registry.children.discard(self.pid)
+            self._take_back_terminal()
             self._exited = ChildExited(
                 status=exit_status(returncode),
                 signal=-returncode if returncode < 0 else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -449,3 +450,34 @@ async def test_what_the_command_left_running_dies_when_it_exits(tmp_path: Path) 
         assert await child.wait() == 0
         worker_pid = int(pid_file.read_text())
         await _until(lambda: not _is_alive(worker_pid))
+
+
+def test_a_command_can_read_the_terminal_kubelock_runs_in(tmp_path: Path) -> None:
+    """In a terminal's foreground, the command gets the terminal (else SIGTTIN stops it)."""
+    script = shutil.which("script")
+    assert script is not None, "util-linux's `script` gives this test a terminal"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        textwrap.dedent(
+            """
+            import trio
+            from kubelock.process import run_child
+
+            async def main() -> None:
+                status = await run_child(["sh", "-c", "read line; echo got $line"], reap=False)
+                print("status", status)
+
+            trio.run(main)
+            """
+        )
+    )
+    result = subprocess.run(
+        [script, "-qec", f"{sys.executable} {driver}", "/dev/null"],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "got hello" in result.stdout, result.stdout + result.stderr
+    assert "status 0" in result.stdout
