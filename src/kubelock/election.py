@@ -224,9 +224,15 @@ class Elector:
                 # Too old to resume: make the loop re-read, then watch from there.
                 self._observed = None
                 self._changed.set()
-            except FATAL_ERRORS:
-                # Watching is not allowed (e.g. an older Role without "watch"):
-                # polling every retry-period still works.
+            except FATAL_ERRORS as error:
+                # Watching is not allowed (e.g. a Role written for the Go kubelock):
+                # polling every retry-period still works, only slower to hand off.
+                self._emit(
+                    WaitFailed(
+                        error=f"{error}; polling every {self.timing.retry_period:g}s instead "
+                        "(grant watch for instant hand-off)"
+                    )
+                )
                 return
             except ApiError as error:
                 self._emit(WaitFailed(error=f"watch: {error}"))

@@ -135,7 +135,8 @@ async def test_without_watch_a_waiter_polls_every_retry_period_with_jitter(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    b = contender(backend, "b")
+    seen: list[events.Event] = []
+    b = contender(backend, "b", seen)
     store = b.store
     assert isinstance(store, MemoryLock)
     store.watch_forbidden = True
@@ -146,6 +147,8 @@ async def test_without_watch_a_waiter_polls_every_retry_period_with_jitter(
     # b found out at its next poll: within retry-period x (1 + 1.2) of the release.
     assert 5 < trio.current_time() <= 5 + 2 * 2.2
     assert b.is_holding
+    # And it said why it polled.
+    assert any(isinstance(e, events.WaitFailed) and "polling every 2s" in e.error for e in seen)
 
 
 async def test_holder_that_cannot_renew_reports_loss_before_anyone_may_take_over(
