@@ -331,11 +331,16 @@ class Elector:
         return record.holder_identity == self.identity and record.acquire_time == acquired
 
     def _took(self, observed: Observed, sent: float) -> None:
+        """An acquiring write landed: we hold the lock, with this fencing token."""
+        self._wrote(observed, sent)
+        self.fencing_token = observed.record.leader_transitions
+
+    def _wrote(self, observed: Observed, sent: float) -> None:
+        """A write of ours, sent at ``sent``, landed: the safety deadline moves with it."""
         self._observed = observed
         self._observed_time = trio.current_time()
         self._last_renew_sent = sent
         self.held_until = sent + self.timing.lease_duration
-        self.fencing_token = observed.record.leader_transitions
 
     async def _sleep_jittered(self) -> None:
         await trio.sleep(self.timing.retry_period * (1 + self._rng.random() * JITTER_FACTOR))
@@ -429,10 +434,7 @@ class Elector:
                 return "lost:the lock object was deleted"
             except ApiError as error:
                 return str(error)
-            self._observed = updated
-            self._observed_time = trio.current_time()
-            self._last_renew_sent = sent
-            self.held_until = sent + self.timing.lease_duration
+            self._wrote(updated, sent)
             return "renewed"
 
     # -- release --------------------------------------------------------------
