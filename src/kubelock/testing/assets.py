@@ -75,12 +75,15 @@ class AssetsUnavailable(RuntimeError):
     """The control-plane binaries could neither be found nor built."""
 
 
+def cache_root() -> Path:
+    """kubelock's per-user cache: `${XDG_CACHE_HOME:-~/.cache}/kubelock`."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kubelock"
+
+
 def cache_entry() -> Path:
     """The cache folder for the pinned versions (its `bin` holds the binaries)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return (
-        Path(base) / "kubelock" / "controlplane" / f"k8s-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
-    )
+    return cache_root() / "controlplane" / f"k8s-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
 
 
 def ensure_binaries(*, progress: TextIO | None = None) -> Path:

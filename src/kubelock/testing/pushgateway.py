@@ -37,7 +37,7 @@ from typing import Final, TextIO
 
 import httpx
 
-from .assets import AssetsUnavailable, exclusive, run_logged, say, tail
+from .assets import AssetsUnavailable, cache_root, exclusive, run_logged, say, tail
 from .controlplane import Spawner, free_ports, terminate
 from .versions import PUSHGATEWAY_VERSION
 
@@ -67,8 +67,7 @@ class PushgatewayUnavailable(RuntimeError):
 
 def cache_entry() -> Path:
     """The cache folder for `PUSHGATEWAY_VERSION` (holding the `pushgateway` binary)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kubelock" / f"pushgateway-{PUSHGATEWAY_VERSION}"
+    return cache_root() / f"pushgateway-{PUSHGATEWAY_VERSION}"
 
 
 def pushgateway_binary(*, progress: TextIO | None = None) -> Path:
