@@ -28,15 +28,17 @@ exactly testable. The only I/O is through the :class:`~kubelock.locks.base.LockS
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from datetime import datetime
 
 import trio
 
-from .errors import ApiError, Conflict, Forbidden, Gone, NotFound, Unauthorized
+from .errors import ApiError, Conflict, Forbidden, Gone, LeaseLost, NotFound, Unauthorized
 from .events import (
     Acquired,
     Event,
@@ -58,17 +60,49 @@ WAITING_REPORT_INTERVAL = 30.0
 RELEASE_TIMEOUT = 5.0
 #: Errors that end waiting at once: retrying cannot fix them.
 FATAL_ERRORS = (Forbidden, Unauthorized)
+#: How long before ``held_until`` guarded work must be gone at the latest.
+SAFETY_MARGIN = 1.0
 
 
 def _no_observer(event: Event) -> None:
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """What ``async with elector.holding() as held`` (and ``kubelock.Lock``) give the body."""
+
+    name: str
+    namespace: str
+    identity: str
+    #: The lease's transition count at acquisition: it only grows, so work can
+    #: store it and refuse anything carrying an older one.
+    fencing_token: int
+    _elector: Elector = dataclasses.field(repr=False)
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lock was lost while the body ran (``None`` while it is held)."""
+        return self._elector.lost_reason
+
+    @property
+    def held_until(self) -> float:
+        """``trio.current_time()`` before which no other contender can take the lock."""
+        return self._elector.held_until
+
+    @property
+    def safety_deadline(self) -> float:
+        """``trio.current_time()`` by which the guarded work must be gone (see the Elector's)."""
+        return self._elector.safety_deadline
+
+
 class Elector:
     """One contender for one lock.
 
-    Use :meth:`acquire`, then :meth:`keep_renewing` in a task while the work
-    runs, then :meth:`release`. :attr:`held_until` is the safety deadline.
+    Use :meth:`acquire`, then ``async with`` :meth:`holding` around the work
+    (it renews, cancels the work on loss, and releases). :attr:`held_until`
+    is when others may take over; :attr:`safety_deadline` is when the work
+    must be gone.
     """
 
     def __init__(
@@ -121,10 +155,58 @@ class Elector:
     def observed_record(self) -> LeaderElectionRecord | None:
         return self._observed.record if self._observed else None
 
+    @property
+    def safety_deadline(self) -> float:
+        """When guarded work must be dead: ``held_until`` minus a margin (10% of short leases)."""
+        return self.held_until - min(SAFETY_MARGIN, self.timing.lease_duration / 10)
+
     def held_for(self) -> float:
         if self._acquired_at is None:
             return 0.0
         return trio.current_time() - self._acquired_at
+
+    # -- holding ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def holding(self) -> AsyncIterator[Held]:
+        """Keep the acquired lock renewed while the body runs; release it when the body ends.
+
+        The one way to hold a lock, for the CLI and the Python API alike. The
+        renew loop runs in a task beside the body. When the lease is lost, the
+        body's cancel scope is cancelled at once (the body's cancellation path
+        must stop the work before :attr:`safety_deadline`), :attr:`lost_reason`
+        says why, and leaving the block raises :class:`~kubelock.errors.LeaseLost`.
+        Whatever ends the body (return, exception, outer cancellation), the
+        lock is then released, shielded and bounded (:meth:`release`). An
+        exception of the body propagates as itself, not in an ExceptionGroup,
+        and wins over the loss.
+        """
+        if not self.is_holding:
+            raise RuntimeError("holding() needs the lock to be acquired first")
+        assert self.fencing_token is not None
+        store = self.store
+        held = Held(store.name, store.namespace, self.identity, self.fencing_token, self)
+        body_error: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def on_lost(reason: str) -> None:
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(self.keep_renewing, on_lost)
+                try:
+                    yield held
+                except Exception as error:
+                    # Re-raised below, outside the nursery, so callers see their
+                    # own exception rather than an ExceptionGroup.
+                    body_error = error
+                nursery.cancel_scope.cancel()
+        finally:
+            await self.release()
+        if body_error is not None:
+            raise body_error
+        if self.lost_reason is not None:
+            raise LeaseLost(f"lost the lock {store.describe()}: {self.lost_reason}")
 
     # -- acquire --------------------------------------------------------------
 
