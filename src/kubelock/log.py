@@ -62,7 +62,7 @@ def report_error(message: str) -> None:
         print(f"kubelock: {message}", file=sys.stderr, flush=True)
 
 
-def log_event(event: Event | ChildExited) -> None:
+def log_event(event: Event) -> None:
     """Log one election event (or the child's exit) as a line for people. An :data:`Observer`."""
     level, message = _describe(event)
     fields = {
@@ -73,7 +73,7 @@ def log_event(event: Event | ChildExited) -> None:
     )
 
 
-def _describe(event: Event | ChildExited) -> tuple[int, str]:
+def _describe(event: Event) -> tuple[int, str]:
     match event:
         case Waiting(holder=holder, since=since, waited=waited):
             held = f"held by {holder!r}" if holder else "held by somebody else"

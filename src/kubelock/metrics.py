@@ -58,6 +58,7 @@ from .errors import UsageError
 from .events import (
     Acquired,
     ApiRequest,
+    ChildExited,
     Event,
     Lost,
     Released,
@@ -288,6 +289,8 @@ class Metrics:
             case ApiRequest(verb=verb, code=code, duration=duration):
                 self._api_requests.labels(self.name, self.namespace, verb, code).inc()
                 self._api_duration.labels(self.name, self.namespace, verb).observe(duration)
+            case ChildExited(status=status):
+                self.child_exited(status)
 
     def child_exited(self, code: int) -> None:
         """The command ended with ``code`` (kubelock's exit status for it)."""

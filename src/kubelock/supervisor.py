@@ -34,7 +34,6 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
-    from .metrics import Metrics
 
 logger = logging.getLogger("kubelock")
 
@@ -86,7 +85,7 @@ async def supervise(settings: Settings) -> int:
                         )
                     if settings.pushgateway is not None:
                         services.start_soon(metrics.push_periodically, settings.pushgateway)
-                status = await _wait_and_run(settings, config, namespace, observe, metrics, signals)
+                status = await _wait_and_run(settings, config, namespace, observe, signals)
             except KubelockError as error:
                 failure = error  # re-raised outside the nursery, as itself
             services.cancel_scope.cancel()
@@ -102,7 +101,6 @@ async def _wait_and_run(
     config: ClusterConfig,
     namespace: str,
     observe: Observer,
-    metrics: Metrics | None,
     signals: AsyncIterator[int],
 ) -> int:
     from .locks import open_lock
@@ -118,7 +116,7 @@ async def _wait_and_run(
                 "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
             )
             return 128 + stopped_by
-        return await _hold_and_run(settings, namespace, elector, metrics)
+        return await _hold_and_run(settings, namespace, elector, observe)
 
 
 async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int]) -> int | None:
@@ -148,7 +146,7 @@ async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int])
 
 
 async def _hold_and_run(
-    settings: Settings, namespace: str, elector: Elector, metrics: Metrics | None
+    settings: Settings, namespace: str, elector: Elector, observe: Observer
 ) -> int:
     assert elector.fencing_token is not None
     env = dict(os.environ)
@@ -165,8 +163,8 @@ async def _hold_and_run(
                 env,
                 grace_period=settings.grace_period,
                 hard_deadline=lambda: held.safety_deadline,
+                observer=observe,  # ChildExited: logged, and recorded in the metrics
             )
-            logger.info("the command exited with status %d", status)
     except LeaseLost:
         logger.error(
             "lost the lock (%s): the command was stopped; exiting %d",
@@ -174,6 +172,4 @@ async def _hold_and_run(
             EXIT_LEASE_LOST,
         )
         status = EXIT_LEASE_LOST
-    if metrics is not None:
-        metrics.child_exited(status)
     return status
