@@ -52,6 +52,9 @@ def setup_logging(
     logger.addHandler(_handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    # The metrics endpoint's server (hypercorn) says "Running on ..." and the
+    # like: chatter for kubelock's users. Only its warnings and errors get through.
+    logging.getLogger("kubelock.http").setLevel(logging.WARNING)
 
 
 def report_error(message: str) -> None:

@@ -57,13 +57,7 @@ async def supervise(settings: Settings) -> int:
     if settings.metrics_address is not None or settings.pushgateway is not None:
         from .metrics import Metrics
 
-        metrics = Metrics(
-            settings.name,
-            namespace,
-            settings.identity,
-            settings.lock_type,
-            renew_deadline=settings.timing.renew_deadline,
-        )
+        metrics = Metrics(settings.name, namespace, settings.identity, settings.lock_type)
         observers.append(metrics.observe)
 
     def observe(event: Event) -> None:
@@ -78,19 +72,30 @@ async def supervise(settings: Settings) -> int:
                 if metrics is not None:
                     metrics.started()
                     if settings.metrics_address is not None:
+                        from .endpoint import serve
+                        from .health import Health
+
+                        health = Health(settings.timing.renew_deadline)
+                        observers.append(health.observe)
                         host, port = settings.metrics_address
-                        bound_host, bound_port = await services.start(metrics.serve, host, port)
+                        bound_host, bound_port = await services.start(
+                            serve, metrics.registry, health, host, port
+                        )
                         logger.info(
                             "serving /metrics and /healthz on %s:%d", bound_host, bound_port
                         )
                     if settings.pushgateway is not None:
-                        services.start_soon(metrics.push_periodically, settings.pushgateway)
+                        from .push import push_periodically
+
+                        services.start_soon(push_periodically, metrics, settings.pushgateway)
                 status = await _wait_and_run(settings, config, namespace, observe, signals)
             except KubelockError as error:
                 failure = error  # re-raised outside the nursery, as itself
             services.cancel_scope.cancel()
     if metrics is not None and settings.pushgateway is not None:
-        await metrics.push(settings.pushgateway)
+        from .push import push
+
+        await push(metrics, settings.pushgateway)
     if failure is not None:
         raise failure
     return status
