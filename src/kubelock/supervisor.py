@@ -35,6 +35,12 @@ from .settings import Settings
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
 
+__all__ = [
+    "STOP_WAITING_SIGNALS",
+    "run",
+    "supervise",
+]
+
 logger = logging.getLogger("kubelock")
 
 #: Signals that stop a waiting kubelock (the others are ignored while waiting).
