@@ -49,6 +49,9 @@ STOP_WAITING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, 
 
 def run(settings: Settings) -> int:
     """Run one kubelock invocation; return the exit status."""
+    from .kube.api import import_httpcore_lean
+
+    import_httpcore_lean()  # before trio starts threads
     return trio.run(supervise, settings)
 
 
