@@ -295,6 +295,21 @@ def test_help_wins_over_a_missing_command_and_bad_environment() -> None:
     assert "Usage of kubelock:" in result.stdout
 
 
+@pytest.mark.parametrize(("argv", "status"), [(["--version"], 0), (["--nmae", "x", "true"], 2)])
+def test_the_program_exits_fast_yet_runs_atexit_and_flushes(argv: list[str], status: int) -> None:
+    program = (
+        "import atexit, sys; atexit.register(print, 'atexit ran'); "
+        f"sys.argv = ['kubelock', *{argv!r}]; "
+        "from kubelock.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == status
+    assert result.stdout.endswith("atexit ran\n")  # buffered output, flushed after atexit
+    assert ("kubelock 0" in result.stdout) == (status == 0)
+
+
 def test_version() -> None:
     result = kubelock_process("--version")
     assert result.returncode == 0
