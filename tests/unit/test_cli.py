@@ -21,6 +21,8 @@ from kubelock.cli import parse_args, split_argv
 from kubelock.errors import ConfigError, UsageError
 from kubelock.settings import ElectionTiming, Settings
 
+from .fresh import output_of
+
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,7 +431,5 @@ def test_the_usual_invocation_does_not_import_cyclopts() -> None:
         "parse_args(['--name', 'db', '-v', '--', 'true']); "
         "print(sorted(m for m in ('cyclopts', 'rich', 'attrs') if m in sys.modules))"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, check=True
-    ).stdout
+    loaded = output_of(check)
     assert loaded.strip() == "[]"
