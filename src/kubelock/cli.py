@@ -311,17 +311,20 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def _run(argv: Sequence[str]) -> int:
-    from .log import report_error, setup_logging
-
+    # The log module and the supervisor are imported late: --help, --version and
+    # usage errors stay light.
     try:
         settings = parse_args(argv)
         if settings is None:
             return 0  # --help or --version, printed
-        setup_logging(settings.log_format, settings.verbose)
-        from . import supervisor  # imported late: parsing and --help stay light
+        from . import supervisor
+        from .log import setup_logging
 
+        setup_logging(settings.log_format, settings.verbose)
         return supervisor.run(settings)
     except KubelockError as error:
+        from .log import report_error
+
         report_error(str(error))
         return error.exit_code
 
