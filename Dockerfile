@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # kubelock as one executable, in an image that holds nothing else.
 #
 #   docker build -t kubelock .                                  (`just image`)
