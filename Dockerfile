@@ -38,13 +38,19 @@ RUN apt-get update \
 RUN pip install --no-cache-dir uv==0.13.9
 
 WORKDIR /src
-COPY pyproject.toml uv.lock README.md ./
-COPY src ./src
+COPY pyproject.toml uv.lock ./
 COPY scripts/build-executable ./scripts/
 
+# The locked dependencies and PyInstaller (whose bootloader is compiled here):
+# a layer of its own, which a change in src/ does not invalidate.
 ARG VARIANT=without-kubernetes
 ENV UV_PYTHON_DOWNLOADS=never \
     UV_LINK_MODE=copy
+RUN --mount=type=cache,target=/root/.cache/uv \
+    scripts/build-executable --${VARIANT} --prepare-only
+
+COPY README.md ./
+COPY src ./src
 RUN --mount=type=cache,target=/root/.cache/uv \
     scripts/build-executable --${VARIANT} --output /out/kubelock \
     && scripts/build-executable --${VARIANT} --onedir --output /out/lib/kubelock \
