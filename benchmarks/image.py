@@ -4,10 +4,12 @@
 
 Builds the images with scripts/image (seconds when cached; needs a Docker
 engine, or root to start one), then prints the size of the image and of each
-layout in it, and the medians of wall time of `docker run --rm IMAGE --version`
-and of `kubelock --name ... -- kubelock --version` in-cluster against a real
-control plane (the container in the host's network, the ServiceAccount token
-mounted at the standard path), for:
+layout in it, and medians of wall time of: the two executables copied out of
+the image and run on the host (`--version`: their own start-up, without the
+engine's); `docker run --rm IMAGE --version`; and `kubelock --name ... --
+kubelock --version` in a container, in-cluster against a real control plane
+(the host's network, the ServiceAccount token mounted at the standard path).
+The commands take turns, so that changes of load hit each alike. Layouts:
 
 - the folder layout, the image's entrypoint, on a read-only root with no /tmp;
 - the one-file executable, on a read-only root with an exec-able tmpfs at /tmp
@@ -45,13 +47,16 @@ LAYOUTS = {
 }
 
 
-def timed(argv: list[str], runs: int) -> list[float]:
-    subprocess.run(argv, check=True, capture_output=True)  # warm the page cache
-    times = []
+def timed(commands: dict[str, list[str]], runs: int) -> dict[str, list[float]]:
+    """Wall times of each command, the commands taking turns (load changes hit all alike)."""
+    for argv in commands.values():
+        subprocess.run(argv, check=True, capture_output=True)  # warm the page cache
+    times: dict[str, list[float]] = {label: [] for label in commands}
     for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True)
-        times.append(time.perf_counter() - started)
+        for label, argv in commands.items():
+            started = time.perf_counter()
+            subprocess.run(argv, check=True, capture_output=True)
+            times[label].append(time.perf_counter() - started)
     return times
 
 
@@ -84,7 +89,10 @@ def main() -> None:
     )[0]
     print(f"{image}: {megabytes(inspected['Size'])}")
     history = subprocess.run(
-        [docker, "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}"],
+        [
+            *(docker, "history", "--no-trunc", "--human=false"),
+            *("--format", "{{.Size}}\t{{.CreatedBy}}", image),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -93,6 +101,24 @@ def main() -> None:
         size, created_by = line.split("\t", 1)
         if "COPY" in created_by and "/out/" in created_by:
             print(f"  layer {created_by.split('/out/')[1].split()[0]}: {megabytes(int(size))}")
+
+    with tempfile.TemporaryDirectory() as folder:
+        # The same two files outside any container: the executables' own start-up.
+        container = subprocess.run(
+            [docker, "create", image], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        try:
+            for source in ("/usr/local/bin/kubelock", "/usr/local/lib/kubelock"):
+                target = Path(folder) / source.split("/")[-2]
+                subprocess.run([docker, "cp", f"{container}:{source}", str(target)], check=True)
+        finally:
+            subprocess.run([docker, "rm", container], capture_output=True, check=True)
+        on_host = {
+            "folder, on the host: `kubelock --version`": [f"{folder}/lib/kubelock", "--version"],
+            "one file, on the host: `kubelock --version`": [f"{folder}/bin", "--version"],
+        }
+        for label, times in timed(on_host, args.runs).items():
+            print(f"{label}: {describe(times)}")
 
     with control_plane("bench") as (plane, _), tempfile.TemporaryDirectory() as folder:
         plane.create_service_account("bench", "bench")
@@ -107,15 +133,16 @@ def main() -> None:
             f"--env=KUBERNETES_SERVICE_PORT={env['KUBERNETES_SERVICE_PORT']}",
             "--env=HOSTNAME=bench",
         ]
+        commands = {}
         for label, options in LAYOUTS.items():
             run = [docker, "run", "--rm", *options]
-            version = timed([*run, image, "--version"], args.runs)
-            locked = timed(
-                [*run, *pod, image, "--name", "image-bench", "--", "kubelock", "--version"],
-                args.runs,
-            )
-            print(f"{label:>30}: `docker run --rm IMAGE --version` {describe(version)}")
-            print(f"{'':>30}  `... -- kubelock --version` in-cluster {describe(locked)}")
+            commands[f"{label}: `docker run --rm IMAGE --version`"] = [*run, image, "--version"]
+            commands[f"{label}: `-- kubelock --version` in-cluster"] = [
+                *(*run, *pod, image),
+                *("--name", "image-bench", "--", "kubelock", "--version"),
+            ]
+        for label, times in timed(commands, args.runs).items():
+            print(f"{label}: {describe(times)}")
 
 
 if __name__ == "__main__":
