@@ -116,6 +116,17 @@ def remove_test_containers(docker: str) -> None:
         subprocess.run([docker, "rm", "-f", *found], capture_output=True, check=False)
 
 
+def run_container(docker: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`docker run --rm --read-only ARGS` to completion, output captured."""
+    return subprocess.run(
+        [docker, "run", "--rm", "--read-only", f"--label={LABEL}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def build_image(*args: str) -> list[str]:
     """Run scripts/image; return the tags it built."""
     built = subprocess.run(
@@ -266,13 +277,7 @@ def test_version_as_nonroot_on_a_read_only_root(docker: str, images: Images) -> 
     ).stdout.strip()
     assert user == f"{NONROOT}:{NONROOT}"
 
-    result = subprocess.run(
-        [docker, "run", "--rm", "--read-only", f"--label={LABEL}", images.kubelock, "--version"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_container(docker, images.kubelock, "--version")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"kubelock {kubelock.__version__}"
@@ -280,15 +285,10 @@ def test_version_as_nonroot_on_a_read_only_root(docker: str, images: Images) -> 
 
 def test_the_one_file_executable_needs_an_exec_able_tmp(docker: str, images: Images) -> None:
     """What the README tells users of COPY --from: /tmp must be writable and not noexec."""
-    base = [docker, "run", "--rm", "--read-only", f"--label={LABEL}"]
     one_file = ["--entrypoint=/usr/local/bin/kubelock", images.kubelock, "--version"]
 
-    noexec = subprocess.run(
-        [*base, "--tmpfs=/tmp", *one_file], capture_output=True, text=True, timeout=120
-    )
-    exec_able = subprocess.run(
-        [*base, "--tmpfs=/tmp:exec", *one_file], capture_output=True, text=True, timeout=120
-    )
+    noexec = run_container(docker, "--tmpfs=/tmp", *one_file)
+    exec_able = run_container(docker, "--tmpfs=/tmp:exec", *one_file)
 
     assert noexec.returncode != 0
     assert "failed to map segment from shared object" in noexec.stderr, noexec.stderr
@@ -458,13 +458,10 @@ def test_both_variants_read_what_they_should(
     config = folder / "config"
     shutil.copyfile(identity(LEASE_RULES).kubeconfig, config)
     config.chmod(0o644)  # read by uid 65532
-    run = [docker, "run", "--rm", "--read-only", "--network=host", f"--label={LABEL}"]
     args = ["--kubeconfig", "/kube/config", "--name", "variant", "--", "kubelock", "--version"]
-    mount = f"--volume={folder}:/kube:ro"
+    mount = ["--network=host", f"--volume={folder}:/kube:ro"]
 
-    without = subprocess.run(
-        [*run, mount, images.kubelock, *args], capture_output=True, text=True, timeout=120
-    )
+    without = run_container(docker, *mount, images.kubelock, *args)
     assert without.returncode == EXIT_USAGE, without.stderr
     assert len(without.stderr.strip().splitlines()) == 1, without.stderr
     assert "--with-kubernetes" in without.stderr
@@ -472,11 +469,8 @@ def test_both_variants_read_what_they_should(
 
     # The kubernetes package writes a kubeconfig's embedded certificates to
     # files in $TMPDIR: this variant, given a kubeconfig, needs a writable /tmp.
-    with_kubernetes = subprocess.run(
-        [*run, mount, "--tmpfs=/tmp", "--env=HOSTNAME=kubeconfig-pod", kubeconfig_image, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    with_kubernetes = run_container(
+        docker, *mount, "--tmpfs=/tmp", "--env=HOSTNAME=kubeconfig-pod", kubeconfig_image, *args
     )
     assert with_kubernetes.returncode == 0, with_kubernetes.stderr
     assert with_kubernetes.stdout.strip() == f"kubelock {kubelock.__version__}"
