@@ -18,6 +18,10 @@
 # into glibc-based images (Debian, Ubuntu, UBI, distroless/cc; not Alpine),
 # where /tmp is the copying image's affair. Cost: ~25 MB more on disk.
 #
+# No `# syntax=` line: it makes BuildKit fetch a frontend image, which fails
+# without a registry; the built-in frontend (Docker 20.10 and later) has what
+# this file uses (RUN --mount=type=cache).
+#
 # VARIANT=without-kubernetes (default) reads only the in-cluster configuration
 # (a Pod's ServiceAccount); with-kubernetes also reads kubeconfig files, at the
 # cost of ~11 MB per layout. The build steps are scripts/build-executable's,
