@@ -1,12 +1,15 @@
 """The container image, run in real containers by a real Docker engine against the real API server.
 
 The images under test are built by scripts/image (the script users and CI
-run; the BuildKit cache makes an unchanged rebuild take seconds): kubelock:dev
-(the default variant), kubelock:dev-with-kubernetes, and kubelock-example-app:dev,
-a Debian-based app image that takes the one-file executable with COPY --from.
-`KUBELOCK_IMAGE`, `KUBELOCK_APP_IMAGE` and `KUBELOCK_KUBECONFIG_IMAGE` name
-images to test instead, unbuilt. `KUBELOCK_SKIP_IMAGE=1` skips this module,
-for machines without Docker; CI runs it.
+run; the BuildKit cache makes an unchanged rebuild take seconds): the image
+(the default variant), the image built with VARIANT=with-kubernetes, and the
+example's app image, a Debian-based image that takes the one-file executable
+with COPY --from. Their tags are this session's own (`kubelock:test-<id>`...),
+removed after it, so that builds from other checkouts sharing the engine never
+replace what is under test. `KUBELOCK_IMAGE`, `KUBELOCK_APP_IMAGE` and
+`KUBELOCK_KUBECONFIG_IMAGE` name images to test instead, unbuilt.
+`KUBELOCK_SKIP_IMAGE=1` skips this module, for machines without Docker; CI
+runs it.
 
 The engine: a running one, else (as root) one started by
 `scripts/docker-engine start` for this session and stopped after it.
@@ -18,10 +21,10 @@ there, as a Pod reaches `KUBERNETES_SERVICE_HOST`: kubelock's in-cluster code
 path is the same whatever that address is. The ServiceAccount token comes
 from the TokenRequest API and is mounted read-only at the standard path.
 
-kubelock:dev holds no shell, so the tests that need a command with a shell
-run `kubelock-test-tools:dev`: kubelock:dev plus Debian's dash (as /bin/sh),
-date and sleep copied from the app image; its entrypoint, user, environment
-and kubelock files are kubelock:dev's own.
+The image holds no shell, so the tests that need a command with a shell run
+a tools image: the image plus Debian's dash (as /bin/sh), date and sleep
+copied from the app image; its entrypoint, user, environment and kubelock
+files are the image's own.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 SKIP_VARIABLE = "KUBELOCK_SKIP_IMAGE"
 SERVICEACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 NONROOT = "65532"
-TOOLS_IMAGE = "kubelock-test-tools:dev"
+SESSION = secrets.token_hex(4)
 LABEL = "org.kubelock.test"
 LEASE_RULES = [
     {
@@ -140,11 +143,20 @@ def build_image(*args: str) -> list[str]:
     return built.stdout.split()
 
 
+def remove_images(docker: str, tags: list[str]) -> None:
+    subprocess.run([docker, "rmi", *tags], capture_output=True, check=False)
+
+
 @pytest.fixture(scope="session")
-def images(docker: str) -> Images:
+def images(docker: str) -> Iterator[Images]:
+    built = []
     given, app = os.environ.get("KUBELOCK_IMAGE"), os.environ.get("KUBELOCK_APP_IMAGE")
     if given is None or app is None:
-        given, app = build_image()
+        given, app = built = build_image(
+            *("--tag", f"kubelock:test-{SESSION}"),
+            *("--app-tag", f"kubelock-example-app:test-{SESSION}"),
+        )
+    tools_image = f"kubelock-test-tools:{SESSION}"
     tools = subprocess.run(
         [
             docker,
@@ -154,7 +166,7 @@ def images(docker: str) -> Images:
             "--build-arg",
             f"APP_IMAGE={app}",
             "-t",
-            TOOLS_IMAGE,
+            tools_image,
             "-",
         ],
         input=TOOLS_DOCKERFILE,
@@ -164,17 +176,23 @@ def images(docker: str) -> Images:
         check=False,
     )
     assert tools.returncode == 0, tools.stderr
-    return Images(kubelock=given, app=app, tools=TOOLS_IMAGE)
+    yield Images(kubelock=given, app=app, tools=tools_image)
+    remove_test_containers(docker)
+    remove_images(docker, [tools_image, *built])
 
 
 @pytest.fixture(scope="session")
-def kubeconfig_image(docker: str) -> str:
+def kubeconfig_image(docker: str) -> Iterator[str]:
     """The image built with VARIANT=with-kubernetes."""
     given = os.environ.get("KUBELOCK_KUBECONFIG_IMAGE")
     if given is not None:
-        return given
-    (tag,) = build_image("--variant", "with-kubernetes", "--no-app")
-    return tag
+        yield given
+        return
+    (tag,) = build_image(
+        "--variant", "with-kubernetes", "--no-app", "--tag", f"kubelock:test-{SESSION}-kubeconfig"
+    )
+    yield tag
+    remove_images(docker, [tag])
 
 
 @dataclass(frozen=True)
