@@ -89,9 +89,10 @@ _SHARED_PATHS: Final = (
     Path("/run/netns"),  # the Pods' network namespaces, made by containerd's CRI
     Path("/var/lib/cni"),  # CNI's result cache
     Path("/var/log/containers"),  # the kubelet's links to container logs
-    Path("/run/containerd"),  # shim sockets
 )
-"""Host folders outside the work folder where the cluster leaves entries."""
+"""Host folders outside the work folder where the cluster leaves entries. (Not
+`/run/containerd/s`: the shims' sockets there may be a Docker engine's too, and
+ours remove theirs when their task is deleted.)"""
 
 
 class ClusterError(RuntimeError):
@@ -291,6 +292,11 @@ class Cluster:
         ]
         found += [f"process {pid} (shim)" for pid in self._shim_pids()]
         found += [f"mount {point}" for point in self._own_mounts()]
+        found += [
+            f"mount {folder}"
+            for folder in self._before.existed ^ set(_SHARED_PATHS)
+            if self._before.entries and _is_mount_point(folder)
+        ]
         if Path(f"/run/netns/{self.netns}").exists():
             found.append(f"network namespace {self.netns}")
         if _link_exists(self._host_link):
@@ -768,6 +774,8 @@ class Cluster:
                 else:
                     path.unlink(missing_ok=True)
             if folder.exists() and folder not in self._before.existed:
+                if _is_mount_point(folder):  # `ip netns add` bind-mounts /run/netns
+                    subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _restore_kernel_settings(self) -> None:
@@ -949,6 +957,11 @@ def _command_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "?"
+
+
+def _is_mount_point(path: Path) -> bool:
+    mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    return any(_unescape(line.split()[4]) == str(path) for line in mountinfo)
 
 
 def _unescape(field: str) -> str:
