@@ -1,22 +1,27 @@
-# syntax=docker/dockerfile:1
+# kubelock in an image that holds nothing else, in two layouts:
 #
-# kubelock as one executable, in an image that holds nothing else.
+#   /usr/local/bin/kubelock    one self-contained file, for other images:
+#                              COPY --from=kubelock /usr/local/bin/kubelock /usr/local/bin/
+#   /usr/local/lib/kubelock/   the same program as a folder: the entrypoint, and
+#                              `kubelock` on this image's PATH
 #
-#   docker build -t kubelock .                                  (`just image`)
+#   scripts/image      (`just image`: kubelock:dev; stand-in bases when no registry)
+#   docker build -t kubelock .
 #   docker build --build-arg VARIANT=with-kubernetes -t kubelock:kubeconfig .
 #
-# Use the image as an init container's image, or copy the executable into
-# your own glibc-based image (Debian, Ubuntu, UBI, distroless/cc; not Alpine):
-#
-#   COPY --from=kubelock /usr/local/bin/kubelock /usr/local/bin/
-#
-# The executable unpacks itself into $TMPDIR (default /tmp) at every start and
-# cleans up at exit: with readOnlyRootFilesystem, mount an emptyDir at /tmp.
+# Why two: the one-file executable unpacks itself into $TMPDIR (default /tmp)
+# at every start, so it needs a writable /tmp that allows executing mapped
+# libraries; with readOnlyRootFilesystem and no exec-able /tmp volume it fails
+# ("failed to map segment from shared object"). The folder unpacks nothing:
+# this image runs on a read-only root with no /tmp volume, starts faster, and
+# kubelock itself is PID 1 (it reaps orphans). The file stays for COPY --from
+# into glibc-based images (Debian, Ubuntu, UBI, distroless/cc; not Alpine),
+# where /tmp is the copying image's affair. Cost: ~25 MB more on disk.
 #
 # VARIANT=without-kubernetes (default) reads only the in-cluster configuration
 # (a Pod's ServiceAccount); with-kubernetes also reads kubeconfig files, at the
-# cost of ~11 MB. The build steps are scripts/build-executable's, the same
-# that CI runs and tests.
+# cost of ~11 MB per layout. The build steps are scripts/build-executable's,
+# the same that CI runs and tests.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
@@ -42,7 +47,8 @@ ENV UV_PYTHON_DOWNLOADS=never \
     UV_LINK_MODE=copy
 RUN --mount=type=cache,target=/root/.cache/uv \
     scripts/build-executable --${VARIANT} --output /out/kubelock \
-    && /out/kubelock --version
+    && scripts/build-executable --${VARIANT} --onedir --output /out/lib/kubelock \
+    && /out/kubelock --version && /out/lib/kubelock/kubelock --version
 
 FROM ${RUNTIME_IMAGE}
 
@@ -51,12 +57,15 @@ LABEL org.opencontainers.image.title="kubelock" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 COPY --from=builder /out/kubelock /usr/local/bin/kubelock
+COPY --from=builder /out/lib/kubelock /usr/local/lib/kubelock
 
-# Where the executable unpacks itself: mount an emptyDir here when the root
-# filesystem is read-only. The CA bundle: for kubeconfigs that rely on the
-# system's certificate authorities (in a Pod, the ServiceAccount's ca.crt is used).
+# TMPDIR: where the one-file executable unpacks itself (an emptyDir there
+# when the root filesystem is read-only). The CA bundle: for kubeconfigs that
+# rely on the system's certificate authorities (in a Pod, the ServiceAccount's
+# ca.crt is used). PATH: `command: ["kubelock", ...]` runs the folder layout.
 ENV TMPDIR=/tmp \
-    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    PATH=/usr/local/lib/kubelock:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER 65532:65532
-ENTRYPOINT ["/usr/local/bin/kubelock"]
+ENTRYPOINT ["/usr/local/lib/kubelock/kubelock"]
 CMD ["--help"]

@@ -22,9 +22,9 @@ demo:
 executable *ARGS:
     scripts/build-executable {{ARGS}}
 
-# the container image (needs a Docker engine)
-image TAG="kubelock:dev":
-    docker build -t {{TAG}} .
+# the container image kubelock:dev and the example app image (scripts/image --help)
+image *ARGS:
+    scripts/image {{ARGS}}
 
 # end-to-end on kind (E2E_CLUSTER=minikube for minikube): images, the example, checks, clean-up
 e2e:
