@@ -663,24 +663,16 @@ class Cluster:
     def _stop_containers(self) -> None:
         """Kill every container, then their shims; the Pod sandboxes' netns go in `_unmount`."""
         if self._containerd_running():
-            tasks = subprocess.run(
-                [*self._ctr(), "tasks", "ls", "-q"], capture_output=True, text=True, check=False
-            ).stdout.split()
-            for task in tasks:
+            for task in self._tasks():
                 subprocess.run(
                     [*self._ctr(), "tasks", "kill", "--signal=SIGKILL", task],
                     capture_output=True,
                     check=False,
                 )
+            # containerd's CRI deletes a task once it exits, and its shim then ends.
             deadline = time.monotonic() + 10
-            for task in tasks:
-                while time.monotonic() < deadline:
-                    deleted = subprocess.run(
-                        [*self._ctr(), "tasks", "delete", task], capture_output=True, check=False
-                    )
-                    if deleted.returncode == 0:
-                        break
-                    time.sleep(0.2)
+            while self._tasks() and time.monotonic() < deadline:
+                time.sleep(0.1)
         # A shim outlives containerd; ours are told apart by their -address.
         for pid in self._shim_pids():
             with contextlib.suppress(ProcessLookupError):
@@ -696,6 +688,12 @@ class Cluster:
                     for member in procs.read_text().split():
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(int(member), signal.SIGKILL)
+
+    def _tasks(self) -> list[str]:
+        listed = subprocess.run(
+            [*self._ctr(), "tasks", "ls", "-q"], capture_output=True, text=True, check=False
+        )
+        return listed.stdout.split()
 
     def _containerd_running(self) -> bool:
         return any(p.name == "containerd" and p.process.poll() is None for p in self._processes)
