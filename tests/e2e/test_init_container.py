@@ -215,6 +215,11 @@ def test_a_pod_deleted_while_holding_the_lock_hands_over_within_a_second(
     example.kubectl("scale", DEPLOYMENT, "-n", NAMESPACE, f"--replicas={REPLICAS}")
 
     holder = wait_for(lambda: _migrating(example), what="a Pod to hold the lock", timeout=300)
+    # Once the first migration runs, the database says a run is in progress.
+    wait_for(
+        lambda: "Applying example.0001_initial" in init_log(example, holder),
+        what=f"{holder} to start migrating",
+    )
     # Follow its log until its init container ends: the Pod object goes right after.
     follow = subprocess.Popen(
         [*example.kubectl_argv, "logs", "-f", holder, "-c", "migrate", "-n", NAMESPACE],

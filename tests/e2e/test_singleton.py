@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from typing import Any
 
@@ -60,8 +61,17 @@ def pods(cluster: E2ECluster) -> list[dict[str, Any]]:
 
 
 def lease_holder(cluster: E2ECluster) -> str:
-    lease = cluster.json("get", "lease", "scheduler", "-n", NAMESPACE)
-    holder: str = lease["spec"].get("holderIdentity") or ""
+    """The lock's holder; "" before the first kubelock has created the Lease."""
+    found = subprocess.run(
+        [*cluster.kubectl_argv, "get", "lease", "scheduler", "-n", NAMESPACE, "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode != 0 and "NotFound" in found.stderr:
+        return ""
+    assert found.returncode == 0, found.stderr
+    holder: str = json.loads(found.stdout)["spec"].get("holderIdentity") or ""
     return holder
 
 

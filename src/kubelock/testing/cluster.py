@@ -153,6 +153,8 @@ class Cluster:
             workdir=self._workdir / "controlplane",
             startup_timeout=startup_timeout,
             address=HOST_ADDRESS,
+            # kubectl logs/exec: the node's address, not its name (no DNS here).
+            apiserver_args=["--kubelet-preferred-address-types=InternalIP"],
         )
         self.start_seconds = 0.0
         """How long the last `start()` took, until the node was Ready and Services routed."""
@@ -517,7 +519,8 @@ class Cluster:
             "podLogsDir": str(self._workdir / "pod-logs"),
             "volumePluginDir": str(root / "volume-plugins"),
             "clusterDomain": "cluster.local",
-            "resolvConf": "/etc/resolv.conf",
+            # No name service for the Pods: nothing they run may query one off this machine.
+            "resolvConf": "",
             "serializeImagePulls": False,
             # A shared test machine: evict only when really short.
             "evictionHard": {
