@@ -166,8 +166,10 @@ def test_an_api_server_outage_past_the_renew_deadline_exits_75_and_the_restart_r
         for line in log.splitlines()
         if line.startswith("kubelock: ") and "acquired the lock" in line
     )
+    started = datetime.fromisoformat(container["state"]["running"]["startedAt"])
     say(
         f"{name} exited 75 and was restarted ({container['restartCount'] - restarts} "
-        f"restart(s)); it took the lock again {(acquired - back).total_seconds():.1f} s after "
-        "the API server was back"
+        f"restart(s)) {(started - back).total_seconds():.1f} s after the API server was back; "
+        f"the new container took the lock {(acquired - started).total_seconds():.1f} s after "
+        "it started"
     )
