@@ -230,8 +230,9 @@ def test_a_pod_deleted_while_holding_the_lock_hands_over_within_a_second(
     example.kubectl("delete", "pod", holder, "-n", NAMESPACE, "--wait=false")
     deleted_log, _ = follow.communicate(timeout=120)
 
-    assert "forwarding SIGTERM to the command" in deleted_log, deleted_log
-    released = stamped(deleted_log, "released the lock")
+    # The kubelet's SIGTERM reached kubelock, which passed it to the migration.
+    signalled = stamped(deleted_log, "forwarding SIGTERM to the command")
+    assert "released the lock" in deleted_log, deleted_log
     assert "Applying example.0003" not in deleted_log, deleted_log  # stopped mid-way
 
     successor = wait_for(
@@ -240,10 +241,13 @@ def test_a_pod_deleted_while_holding_the_lock_hands_over_within_a_second(
         timeout=120,
     )
     acquired = stamped(init_log(example, successor), "acquired the lock")
-    handover = (acquired - released).total_seconds()
-    say(f"{holder} released the lock at {released:%H:%M:%S.%f}, deleted; {successor} "
-        f"acquired it {handover:.3f} s later")  # fmt: skip
-    assert 0 <= handover < 1.0, (released, acquired)
+    # From the SIGTERM (the command then stops, kubelock releases) to the next
+    # Pod holding the lock. (Not from the "released" line: that is logged once the
+    # release's response is back, and the next holder may log its acquisition first.)
+    handover = (acquired - signalled).total_seconds()
+    say(f"{holder} got SIGTERM at {signalled:%H:%M:%S.%f}; {successor} acquired the lock "
+        f"{handover:.3f} s later")  # fmt: skip
+    assert 0 < handover < 1.0, (signalled, acquired)
     assert f"warning: the run by {holder} did not finish" in init_log(example, successor)
     rollout(example, say, "after the deletion")
 

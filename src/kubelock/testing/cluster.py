@@ -49,7 +49,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -57,8 +57,15 @@ from typing import Any, Final, Self
 
 import httpx
 
-from .assets import tail
-from .controlplane import SERVICE_CIDR, ControlPlane, ControlPlaneError, Spawner, free_ports
+from .controlplane import (
+    SERVICE_CIDR,
+    ControlPlane,
+    ControlPlaneError,
+    Spawner,
+    free_ports,
+    process_alive,
+    wait_until_ready,
+)
 from .controlplane import terminate as terminate_group
 
 __all__ = [
@@ -290,7 +297,9 @@ class Cluster:
     def leftovers(self) -> list[str]:
         """What the cluster made that is still there; empty after `stop()`."""
         found = [
-            f"process {pid} ({_command_name(pid)})" for pid in self.started_pids if _alive(pid)
+            f"process {pid} ({_command_name(pid)})"
+            for pid in self.started_pids
+            if process_alive(pid)
         ]
         found += [f"process {pid} (shim)" for pid in self._shim_pids()]
         found += [f"mount {point}" for point in self._own_mounts()]
@@ -457,16 +466,24 @@ class Cluster:
         self.control_plane.write_kubeconfig(self.kubeconfig)
         plane = self.control_plane.workdir
         manager_port, scheduler_port = free_ports(2)
+
+        def common(port: int) -> list[str]:
+            """As admin; /healthz on loopback only; one instance, so no leader election."""
+            kubeconfig = self.kubeconfig
+            return [
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                "--leader-elect=false",
+            ]
+
         manager = self._spawn(
             "kube-controller-manager",
             [
                 str(self._node_bin_dir / "kube-controller-manager"),
-                f"--kubeconfig={self.kubeconfig}",
-                f"--authentication-kubeconfig={self.kubeconfig}",
-                f"--authorization-kubeconfig={self.kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={manager_port}",
-                "--leader-elect=false",
+                *common(manager_port),
                 f"--service-account-private-key-file={plane / 'service-account.key'}",
                 f"--root-ca-file={self.control_plane.ca_file}",
                 "--use-service-account-credentials=false",
@@ -480,12 +497,7 @@ class Cluster:
             "kube-scheduler",
             [
                 str(self._node_bin_dir / "kube-scheduler"),
-                f"--kubeconfig={self.kubeconfig}",
-                f"--authentication-kubeconfig={self.kubeconfig}",
-                f"--authorization-kubeconfig={self.kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={scheduler_port}",
-                "--leader-elect=false",
+                *common(scheduler_port),
             ],
         )
         self._wait_for("kube-controller-manager", manager, self._healthz(manager_port))
@@ -583,7 +595,7 @@ class Cluster:
 
     # -- readiness probes ----------------------------------------------------
 
-    def _healthz(self, port: int) -> Any:
+    def _healthz(self, port: int) -> Callable[[], bool]:
         def probe() -> bool:
             try:
                 # A self-signed certificate made in memory; loopback only.
@@ -638,21 +650,11 @@ class Cluster:
     def _process(self, name: str) -> subprocess.Popen[bytes]:
         return next(p.process for p in self._processes if p.name == name)
 
-    def _wait_for(self, name: str, process: subprocess.Popen[bytes], ready: Any) -> None:
-        deadline = time.monotonic() + self._startup_timeout
+    def _wait_for(
+        self, name: str, process: subprocess.Popen[bytes], ready: Callable[[], bool]
+    ) -> None:
         log = self._workdir / f"{name}.log"
-        while not ready():
-            if process.poll() is not None:
-                raise ClusterError(
-                    f"{name} exited with status {process.returncode} while starting; "
-                    f"the end of {log}:\n{tail(log, lines=40)}"
-                )
-            if time.monotonic() > deadline:
-                raise ClusterError(
-                    f"{name} was not ready after {self._startup_timeout:.0f} s; "
-                    f"the end of {log}:\n{tail(log, lines=40)}"
-                )
-            time.sleep(0.2)
+        wait_until_ready(name, process, ready, log, self._startup_timeout, ClusterError)
 
     # -- clean-up ------------------------------------------------------------
 
@@ -712,7 +714,7 @@ class Cluster:
             except OSError:
                 continue
             ours = argv[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in argv
-            if ours and _alive(int(proc.name)):
+            if ours and process_alive(int(proc.name)):
                 found.append(int(proc.name))
         return found
 
@@ -943,14 +945,6 @@ def _address_in_use(address: str) -> bool:
 
 def _link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _command_name(pid: int) -> str:

@@ -570,20 +570,8 @@ class ControlPlane:
     def _wait_until(
         self, name: str, process: subprocess.Popen[bytes], ready: Callable[[], bool]
     ) -> None:
-        deadline = time.monotonic() + self._startup_timeout
-        while not ready():
-            log = self._workdir / f"{name}.log"
-            if process.poll() is not None:
-                raise ControlPlaneError(
-                    f"{name} exited with status {process.returncode} while starting; "
-                    f"the end of {log}:\n{tail(log, lines=40)}"
-                )
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    f"{name} was not ready after {self._startup_timeout:.0f} s; "
-                    f"the end of {log}:\n{tail(log, lines=40)}"
-                )
-            time.sleep(0.1)
+        log = self._workdir / f"{name}.log"
+        wait_until_ready(name, process, ready, log, self._startup_timeout, ControlPlaneError)
 
     def _etcd_healthy(self) -> bool:
         try:
@@ -650,6 +638,31 @@ class ControlPlane:
         self._names += 1
         slug = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-")[:40]
         return f"{slug}-{self._names}-{secrets.token_hex(2)}"
+
+
+def wait_until_ready(
+    name: str,
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    log: Path,
+    timeout: float,
+    error: type[Exception],
+) -> None:
+    """Poll `ready` until true; raise `error` with the end of `log` if `process` exits or
+    `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise error(
+                f"{name} exited with status {process.returncode} while starting; "
+                f"the end of {log}:\n{tail(log, lines=40)}"
+            )
+        if time.monotonic() > deadline:
+            raise error(
+                f"{name} was not ready after {timeout:.0f} s; "
+                f"the end of {log}:\n{tail(log, lines=40)}"
+            )
+        time.sleep(0.1)
 
 
 def process_alive(pid: int) -> bool:
