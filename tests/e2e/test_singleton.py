@@ -173,3 +173,6 @@ def test_an_api_server_outage_past_the_renew_deadline_exits_75_and_the_restart_r
         f"the new container took the lock {(acquired - started).total_seconds():.1f} s after "
         "it started"
     )
+    for line in log.splitlines():  # what it did meanwhile: the figures above depend on it
+        if line.startswith("kubelock: "):
+            say(f"  {line}")
