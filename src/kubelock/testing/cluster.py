@@ -269,7 +269,7 @@ class Cluster:
         """
         if (archive is None) == (docker_image is None):
             raise ValueError("give an archive or a docker image")
-        command = [*self._ctr(), "images", "import", "--no-unpack=false", "-"]
+        command = [*self._ctr(), "images", "import", "-"]
         if archive is not None:
             with open(archive, "rb") as source:
                 _run(command, stdin=source)
@@ -983,7 +983,7 @@ def main() -> int:
             print(
                 f"kubelock.testing.cluster: node Ready in {cluster.start_seconds:.1f} s ({phases})"
             )
-            print(f"export KUBECONFIG={cluster.kubeconfig}")
+            print(f"export KUBECONFIG={cluster.kubeconfig}  # Ctrl-C stops the cluster")
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
     except (ClusterError, ControlPlaneError) as error:
