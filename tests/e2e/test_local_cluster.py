@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,3 +115,53 @@ def test_the_cluster_runs_a_pod_and_stop_leaves_nothing_behind(say: Say) -> None
     assert cluster.netns not in listed
     assert not any(Path("/sys/fs/cgroup").glob(f"*{cluster.cgroup_root}"))
     assert host_chains() == chains_before
+
+
+KILLED_OWNER = """
+import json, sys, time
+from kubelock.testing.cluster import SANDBOX_IMAGE, Cluster
+cluster = Cluster()
+cluster.start()
+pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pause", "namespace": "default"},
+       "spec": {"containers": [{"name": "pause", "image": SANDBOX_IMAGE,
+                                "imagePullPolicy": "Never"}]}}
+for _ in range(100):  # until the controller-manager has made the default ServiceAccount
+    try:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        break
+    except Exception:
+        time.sleep(0.2)
+cluster.kubectl("wait", "pod/pause", "--for=condition=Ready", "--timeout=120s")
+print(json.dumps({"workdir": str(cluster.workdir), "netns": cluster.netns,
+                  "cgroup_root": cluster.cgroup_root}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_cluster_whose_process_was_killed_is_cleaned_up_by_the_next_start(say: Say) -> None:
+    if cluster_tool() != "local":
+        pytest.skip(f"checks the local cluster; E2E_CLUSTER={cluster_tool()}")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", KILLED_OWNER], stdout=subprocess.PIPE, text=True
+    )
+    assert owner.stdout is not None
+    started = json.loads(owner.stdout.readline())
+    owner.kill()  # no stop(), no atexit: its containers' shims live on
+    owner.wait()
+    workdir = started["workdir"]
+    assert processes_naming(workdir)  # the shims, and the Pod still runs
+    assert Path(f"/run/netns/{started['netns']}").exists()
+    assert mounts_under(Path(workdir))
+
+    cluster = Cluster()
+    cluster.start()  # cleans up the dead one first
+    try:
+        assert not Path(workdir).exists()
+        assert processes_naming(workdir) == []
+        assert mounts_under(Path(workdir)) == []
+        assert not Path(f"/run/netns/{started['netns']}").exists()
+        assert not any(Path("/sys/fs/cgroup").glob(f"*{started['cgroup_root']}"))
+        say("a killed cluster's leftovers were removed by the next start")
+    finally:
+        cluster.stop()
+    assert cluster.leftovers() == []

@@ -74,6 +74,7 @@ __all__ = [
     "SANDBOX_IMAGE",
     "Cluster",
     "ClusterError",
+    "clean_stale",
 ]
 
 NODE_NAME: Final = "kubelock-node"
@@ -92,6 +93,7 @@ _CNI_DIRS: Final = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
 _CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 _KERNEL_SETTINGS: Final = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 """What the kubelet sets on start (protectKernelDefaults off); restored on stop."""
+_STATE_FILE: Final = "cluster-state.json"
 _SHARED_PATHS: Final = (
     Path("/run/netns"),  # the Pods' network namespaces, made by containerd's CRI
     Path("/var/lib/cni"),  # CNI's result cache
@@ -145,11 +147,7 @@ class Cluster:
         self._workdir = (
             Path(tempfile.mkdtemp(prefix="kubelock-cluster-")) if workdir is None else workdir
         )
-        self._id = secrets.token_hex(3)
-        self.netns = f"kubelock-{self._id}"
-        self.cgroup_root = f"/kubelock-{self._id}"
-        self._host_link = f"klh{self._id}"
-        self._node_link = f"kln{self._id}"
+        self._set_id(secrets.token_hex(3))
         self._startup_timeout = startup_timeout
         self._processes: list[_Process] = []
         self._started_pids: list[int] = []
@@ -168,6 +166,13 @@ class Cluster:
         self.phase_seconds: dict[str, float] = {}
         """Seconds each start-up phase took (network, control plane, containerd, ...)."""
 
+    def _set_id(self, cluster_id: str) -> None:
+        self._id = cluster_id
+        self.netns = f"kubelock-{cluster_id}"
+        self.cgroup_root = f"/kubelock-{cluster_id}"
+        self._host_link = f"klh{cluster_id}"
+        self._node_link = f"kln{cluster_id}"
+
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
@@ -176,6 +181,7 @@ class Cluster:
         started = time.monotonic()
         atexit.register(self.stop)
         try:
+            clean_stale()
             self._phase("host state", self._record_host_state)
             self._phase("network", self._make_network)
             self._phase("control plane", self.control_plane.start)
@@ -346,13 +352,38 @@ class Cluster:
             existed={folder for folder in _SHARED_PATHS if folder.exists()},
             chains=_chains(),
         )
+        # What `clean_stale()` needs if this process dies without `stop()`.
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "pid": os.getpid(),
+            "id": self._id,
+            "bin_dir": str(self._bin_dir),
+            "node_bin_dir": str(self._node_bin_dir),
+            "entries": {
+                str(folder): sorted(names) for folder, names in self._before.entries.items()
+            },
+            "existed": [str(folder) for folder in self._before.existed],
+            "kernel": self._before.kernel,
+        }
+        (self._workdir / _STATE_FILE).write_text(json.dumps(state))
+
+    def _adopt(self, state: dict[str, Any]) -> None:
+        """Take over what a dead process's cluster left, from its state file."""
+        self._set_id(state["id"])
+        self._made_netns = True
+        self._before = _HostState(
+            entries={Path(folder): set(names) for folder, names in state["entries"].items()},
+            existed={Path(folder) for folder in state["existed"]},
+            kernel=state["kernel"],
+        )
 
     def _make_network(self) -> None:
         for address in (HOST_ADDRESS, NODE_ADDRESS):
             if _address_in_use(address):
                 raise ClusterError(
                     f"{address} is already on an interface of this machine: another "
-                    "kubelock test cluster is running (one at a time), or stop what uses "
+                    "kubelock test cluster is running (one at a time; those of dead "
+                    "processes are cleaned up first), or stop what uses "
                     f"10.231.0.0/{_LINK_PREFIX}"
                 )
         _run(["ip", "netns", "add", self.netns])
@@ -788,6 +819,35 @@ class Cluster:
 
 
 # -- host helpers --------------------------------------------------------------
+
+
+def clean_stale() -> list[Path]:
+    """Stop and remove the clusters whose process died without `stop()` (SIGKILL, a crash).
+
+    Its containers' shims outlive it, and so do its mounts, network namespace
+    and cgroups: found by the state file in each default work folder
+    (`$TMPDIR/kubelock-cluster-*`) whose process is gone. Returns their folders.
+    """
+    cleaned = []
+    for state_file in sorted(Path(tempfile.gettempdir()).glob(f"kubelock-cluster-*/{_STATE_FILE}")):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if process_alive(int(state["pid"])):
+            continue
+        folder = state_file.parent
+        stale = Cluster(
+            workdir=folder,
+            bin_dir=Path(state["bin_dir"]),
+            node_bin_dir=Path(state["node_bin_dir"]),
+        )
+        stale._adopt(state)
+        with contextlib.suppress(ClusterError):
+            stale.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+        cleaned.append(folder)
+    return cleaned
 
 
 def check_prerequisites() -> None:
