@@ -26,8 +26,18 @@ executable *ARGS:
 image *ARGS:
     scripts/image {{ARGS}}
 
-# end-to-end on kind (E2E_CLUSTER=minikube for minikube): images, the example, checks, clean-up
+# end-to-end on a real cluster: E2E_CLUSTER=local (default: one node run here, as root), kind or minikube
 e2e:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # Everything slow happens before the tests' timeouts start: the runtime's
+    # packages, the Kubernetes binaries (cached after the first build), the images.
+    if [ "${E2E_CLUSTER:-local}" = local ]; then
+        scripts/cluster-tools
+        uv run python -m kubelock.testing.assets
+        uv run python -m kubelock.testing.assets node
+    fi
+    scripts/image
     uv run pytest -m e2e tests/e2e
 
 # the original's `make minikube`: namespace, images built inside minikube, the example applied

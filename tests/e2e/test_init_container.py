@@ -1,127 +1,57 @@
-"""The init-container example on a real cluster: kind, or minikube with E2E_CLUSTER=minikube.
+"""The init-container example on a real cluster (E2E_CLUSTER: local, kind or minikube).
 
-Builds kubelock's image (the repository's Dockerfile) and the example app's
-image, loads them into a new cluster, applies examples/init-container, and
-checks the story: the migrations ran one Pod at a time and only once, every
-Pod became Ready, and each Pod's init container log shows that it waited for
-the lock or ran the migrations. A rollout restart then finds nothing to do.
-The cluster is deleted afterwards unless KUBELOCK_E2E_KEEP=1.
-
-Skips, saying why, when the cluster tool, kubectl, docker or a running
-container engine is missing.
+The images are built, loaded into the cluster, examples/init-container is
+applied, and the story is checked as a user would see it: the migrations ran
+one Pod at a time and only once, every Pod became Ready, and each init
+container's log shows that it waited for the lock or ran the migrations. Then:
+a rollout restart finds nothing to do; a rolling update to a new image tag
+migrates again, one Pod at a time; the token kubelock uses is the projected
+one the kubelet requested for the Pod; and a Pod deleted while its init
+container holds the lock passes the kubelet's SIGTERM to the migration,
+releases the lock, and the next Pod's migration starts within a second.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import base64
 import json
-import os
-import shutil
+import re
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Collection
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from ..integration.test_deploy import MIGRATIONS, assert_migrated_one_at_a_time
+from .clusters import E2ECluster, Say, command, wait_for
+from .conftest import APP_IMAGE, REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "init-container"
-CLUSTER_NAME = os.environ.get("E2E_CLUSTER_NAME", "kubelock-e2e")
-KUBELOCK_IMAGE = "kubelock:dev"
-APP_IMAGE = "kubelock-example-app:dev"  # as examples/init-container/deployment.yaml names it
 NAMESPACE = "kubelock-example"
+DEPLOYMENT = "deployment/example-app"
 REPLICAS = 3
-
-
-def command(*argv: str, timeout: float = 900, input: str | None = None) -> str:
-    """Run a command, its output on failure in the assertion message; return stdout."""
-    result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, input=input, check=False
-    )
-    assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr}"
-    return result.stdout
-
-
-def require(tool: str, why: str) -> str:
-    found = shutil.which(tool)
-    if found is None:
-        pytest.skip(f"{tool} is not installed ({why})")
-    return found
-
-
-@dataclasses.dataclass(frozen=True)
-class Cluster:
-    tool: str
-    context: str
-
-    def kubectl(self, *args: str, timeout: float = 600) -> str:
-        return command("kubectl", f"--context={self.context}", *args, timeout=timeout)
-
-    def load(self, image: str) -> None:
-        if self.tool == "kind":
-            command("kind", "load", "docker-image", image, "--name", CLUSTER_NAME)
-        else:
-            command("minikube", "-p", CLUSTER_NAME, "image", "load", image)
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.kubectl(*args, "-o", "json"))
+SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:kubelock"
+_STAMP = re.compile(r"^kubelock: (\S+Z) (.*)$")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    tool = os.environ.get("E2E_CLUSTER", "kind")
-    if tool not in ("kind", "minikube"):
-        pytest.fail(f"E2E_CLUSTER={tool}: use kind or minikube")
-    require(tool, f"E2E_CLUSTER={tool}")
-    require("kubectl", "it applies the example")
-    require("docker", "it builds the images")
-    engine = subprocess.run(["docker", "info"], capture_output=True, text=True, check=False)
-    if engine.returncode != 0:
-        reason = (engine.stderr.strip().splitlines() or ["no answer"])[-1]
-        pytest.skip(f"no container engine answers `docker info`: {reason}")
-
-    if tool == "kind":
-        command("kind", "create", "cluster", "--name", CLUSTER_NAME, "--wait", "300s")
-        context = f"kind-{CLUSTER_NAME}"
-    else:
-        command("minikube", "start", "-p", CLUSTER_NAME, "--wait=all")
-        context = CLUSTER_NAME
-    try:
-        yield Cluster(tool, context)
-    finally:
-        if os.environ.get("KUBELOCK_E2E_KEEP") != "1":
-            if tool == "kind":
-                command("kind", "delete", "cluster", "--name", CLUSTER_NAME)
-            else:
-                command("minikube", "delete", "-p", CLUSTER_NAME)
-
-
-@pytest.fixture(scope="module")
-def example(cluster: Cluster) -> Cluster:
-    """The images built and loaded, the example applied and rolled out."""
-    command("docker", "build", "-t", KUBELOCK_IMAGE, str(REPO), timeout=1800)
-    command(
-        "docker",
-        "build",
-        "--build-arg",
-        f"KUBELOCK_IMAGE={KUBELOCK_IMAGE}",
-        "-t",
-        APP_IMAGE,
-        str(EXAMPLE / "app"),
-    )
-    cluster.load(APP_IMAGE)
+def example(cluster: E2ECluster, say: Say) -> E2ECluster:
+    """examples/init-container applied and rolled out."""
     cluster.kubectl("apply", "-k", str(EXAMPLE))
-    cluster.kubectl(
-        "rollout", "status", "deployment/example-app", "-n", NAMESPACE, "--timeout=600s"
-    )
+    rollout(cluster, say, "the example's first rollout")
     return cluster
 
 
-def pods(cluster: Cluster) -> list[dict[str, Any]]:
+def rollout(cluster: E2ECluster, say: Say, what: str) -> None:
+    started = datetime.now()
+    cluster.kubectl("rollout", "status", DEPLOYMENT, "-n", NAMESPACE, "--timeout=600s")
+    say(f"{what}: complete in {(datetime.now() - started).total_seconds():.1f} s")
+
+
+def pods(cluster: E2ECluster) -> list[dict[str, Any]]:
     listed = cluster.json("get", "pods", "-n", NAMESPACE, "-l", "app=example-app")
     return [pod for pod in listed["items"] if not pod["metadata"].get("deletionTimestamp")]
 
@@ -131,16 +61,31 @@ def ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def database(cluster: Cluster) -> dict[str, str]:
+def database(cluster: E2ECluster) -> dict[str, str]:
     data: dict[str, str] = cluster.json("get", "configmap", "example-db", "-n", NAMESPACE)["data"]
     return data
 
 
-def init_log(cluster: Cluster, pod: str) -> str:
+def reset_database(cluster: E2ECluster) -> None:
+    """Apply the example's empty "database" again: the next rollout migrates from scratch."""
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE / "database.yaml"))
+    assert database(cluster)["applied"] == ""
+
+
+def init_log(cluster: E2ECluster, pod: str) -> str:
     return cluster.kubectl("logs", pod, "-c", "migrate", "-n", NAMESPACE)
 
 
-def test_the_replicas_migrate_one_at_a_time_and_only_once(example: Cluster) -> None:
+def stamped(log: str, message: str) -> datetime:
+    """When kubelock logged the first line starting with `message`."""
+    for line in log.splitlines():
+        match = _STAMP.match(line)
+        if match and match[2].startswith(message):
+            return datetime.fromisoformat(match[1])
+    raise AssertionError(f"no kubelock line {message!r} in:\n{log}")
+
+
+def test_the_replicas_migrate_one_at_a_time_and_only_once(example: E2ECluster, say: Say) -> None:
     running = pods(example)
     names = [pod["metadata"]["name"] for pod in running]
     assert len(running) == REPLICAS
@@ -160,22 +105,172 @@ def test_the_replicas_migrate_one_at_a_time_and_only_once(example: Cluster) -> N
     for name in others:
         assert "No migrations to apply." in logs[name], logs[name]
     # They all started together, so the others found the lock taken and waited.
-    assert any("waiting for the lock, held by" in logs[name] for name in others), logs
+    waits = {
+        name: line
+        for name in others
+        for line in logs[name].splitlines()
+        if "waiting for the lock, held by" in line
+    }
+    assert waits, logs
+    for name, line in waits.items():
+        say(f"{name}: {line}")
 
     lease = example.json("get", "lease", "migrations", "-n", NAMESPACE)
     assert lease["spec"].get("holderIdentity", "") == ""
     assert lease["spec"].get("leaseTransitions") == REPLICAS - 1
 
 
-def test_a_rollout_restart_finds_nothing_to_do(example: Cluster) -> None:
+def test_a_rollout_restart_finds_nothing_to_do(example: E2ECluster, say: Say) -> None:
     before = {pod["metadata"]["name"] for pod in pods(example)}
-    example.kubectl("rollout", "restart", "deployment/example-app", "-n", NAMESPACE)
-    example.kubectl(
-        "rollout", "status", "deployment/example-app", "-n", NAMESPACE, "--timeout=600s"
-    )
+    example.kubectl("rollout", "restart", DEPLOYMENT, "-n", NAMESPACE)
+    rollout(example, say, "rollout restart")
     after = [pod["metadata"]["name"] for pod in pods(example) if ready(pod)]
     new = [name for name in after if name not in before]
     assert len(new) == REPLICAS, after
 
     runs = assert_migrated_one_at_a_time(database(example), new)
     assert [run.outcome for run in runs] == ["nothing to do"] * REPLICAS
+
+
+def test_a_rolling_update_to_a_new_tag_migrates_one_pod_at_a_time(
+    example: E2ECluster, say: Say
+) -> None:
+    new_image = APP_IMAGE.replace(":dev", ":e2e-update")
+    command("docker", "tag", APP_IMAGE, new_image)
+    example.load(new_image)
+    reset_database(example)
+    before = {pod["metadata"]["name"] for pod in pods(example)}
+    example.kubectl(
+        "set", "image", DEPLOYMENT, "-n", NAMESPACE, f"migrate={new_image}", f"app={new_image}"
+    )
+    rollout(example, say, f"rolling update to {new_image}")
+
+    running = pods(example)
+    assert len(running) == REPLICAS
+    assert all(ready(pod) for pod in running)
+    images = {c["image"] for pod in running for c in pod["spec"]["initContainers"]}
+    assert images == {new_image}
+    new = [pod["metadata"]["name"] for pod in running if pod["metadata"]["name"] not in before]
+    assert len(new) == REPLICAS
+    runs = assert_migrated_one_at_a_time(database(example), new)
+    assert runs[0].outcome == f"applied {','.join(MIGRATIONS)}"
+    assert [run.outcome for run in runs[1:]] == ["nothing to do"] * (REPLICAS - 1)
+
+
+def test_kubelock_uses_the_projected_token_the_kubelet_requested(example: E2ECluster) -> None:
+    pod = pods(example)[0]
+    name = pod["metadata"]["name"]
+    # No hand-made credential: no token Secret, no Secret volume; the one
+    # ServiceAccount volume is the projected, kubelet-rotated token.
+    secrets = example.json("get", "secrets", "-n", NAMESPACE)["items"]
+    assert [s for s in secrets if s["type"] == "kubernetes.io/service-account-token"] == []
+    volumes = pod["spec"]["volumes"]
+    assert not [v for v in volumes if "secret" in v], volumes
+    projected = [
+        source["serviceAccountToken"]
+        for volume in volumes
+        for source in volume.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in source
+    ]
+    assert len(projected) == 1, volumes
+    migrate = pod["spec"]["initContainers"][0]
+    mounts = [m["mountPath"] for m in migrate["volumeMounts"]]
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts, mounts
+
+    # The token in the Pod is bound to it: only the kubelet's TokenRequest makes such.
+    token = example.kubectl(
+        "exec", name, "-n", NAMESPACE, "-c", "app", "--",
+        "cat", "/var/run/secrets/kubernetes.io/serviceaccount/token",
+    ).strip()  # fmt: skip
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["sub"] == SERVICE_ACCOUNT
+    assert claims["kubernetes.io"]["pod"]["name"] == name
+    review = json.loads(
+        example.kubectl(
+            "create", "-o", "json", "-f", "-",
+            input=json.dumps(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                 "spec": {"token": token}}
+            ),
+        )
+    )  # fmt: skip
+    assert review["status"]["authenticated"] is True
+    assert review["status"]["user"]["username"] == SERVICE_ACCOUNT
+    assert review["status"]["user"]["extra"]["authentication.kubernetes.io/pod-name"] == [name]
+    # With that credential and no other, this Pod's kubelock took the lock.
+    assert "acquired the lock" in init_log(example, name)
+
+
+def test_a_pod_deleted_while_holding_the_lock_hands_over_within_a_second(
+    example: E2ECluster, say: Say
+) -> None:
+    # All three Pods start together on an empty database, with slow migrations.
+    example.kubectl("scale", DEPLOYMENT, "-n", NAMESPACE, "--replicas=0")
+    wait_for(lambda: not _all_pods(example), what="the example's Pods to go", timeout=180)
+    reset_database(example)
+    example.kubectl(
+        "set", "env", DEPLOYMENT, "-n", NAMESPACE, "-c", "migrate", "SECONDS_PER_MIGRATION=20"
+    )
+    example.kubectl("scale", DEPLOYMENT, "-n", NAMESPACE, f"--replicas={REPLICAS}")
+
+    holder = wait_for(lambda: _migrating(example), what="a Pod to hold the lock", timeout=300)
+    # Once the first migration runs, the database says a run is in progress.
+    wait_for(
+        lambda: "Applying example.0001_initial" in init_log(example, holder),
+        what=f"{holder} to start migrating",
+    )
+    # Follow its log until its init container ends: the Pod object goes right after.
+    follow = subprocess.Popen(
+        [*example.kubectl_argv, "logs", "-f", holder, "-c", "migrate", "-n", NAMESPACE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    example.kubectl("delete", "pod", holder, "-n", NAMESPACE, "--wait=false")
+    deleted_log, _ = follow.communicate(timeout=120)
+
+    # The kubelet's SIGTERM reached kubelock, which passed it to the migration.
+    signalled = stamped(deleted_log, "forwarding SIGTERM to the command")
+    assert "released the lock" in deleted_log, deleted_log
+    assert "Applying example.0003" not in deleted_log, deleted_log  # stopped mid-way
+
+    successor = wait_for(
+        lambda: _migrating(example, besides={holder}),
+        what="the next Pod to take the lock",
+        timeout=120,
+    )
+    acquired = stamped(init_log(example, successor), "acquired the lock")
+    # From the SIGTERM (the command then stops, kubelock releases) to the next
+    # Pod holding the lock. (Not from the "released" line: that is logged once the
+    # release's response is back, and the next holder may log its acquisition first.)
+    handover = (acquired - signalled).total_seconds()
+    say(f"{holder} got SIGTERM at {signalled:%H:%M:%S.%f}; {successor} acquired the lock "
+        f"{handover:.3f} s later")  # fmt: skip
+    assert 0 < handover < 1.0, (signalled, acquired)
+    assert f"warning: the run by {holder} did not finish" in init_log(example, successor)
+    rollout(example, say, "after the deletion")
+
+
+def _all_pods(cluster: E2ECluster) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.json(
+        "get", "pods", "-n", NAMESPACE, "-l", "app=example-app"
+    )["items"]
+    return items
+
+
+def _migrating(cluster: E2ECluster, besides: Collection[str] = ()) -> str | None:
+    """The Pod whose init container runs the migrations now, if any."""
+    for pod in pods(cluster):
+        name: str = pod["metadata"]["name"]
+        if name in besides:
+            continue
+        log = subprocess.run(
+            [*cluster.kubectl_argv, "logs", name, "-c", "migrate", "-n", NAMESPACE],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if "holds the lock, migrating" in log and "released the lock" not in log:
+            return name
+    return None

@@ -4,6 +4,10 @@
 token authentication; `kubelock.testing.assets.ensure_binaries()` finds or
 builds them (pinned in `kubelock.testing.versions`). Test-only: it needs the
 `cryptography` package.
+
+`kubelock.testing.cluster.Cluster` (imported from there: it is for the
+end-to-end tests) adds a node to it: kube-controller-manager, kube-scheduler,
+kubelet, kube-proxy and containerd, one node Ready.
 """
 
 from .controlplane import (

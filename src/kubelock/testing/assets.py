@@ -20,8 +20,18 @@ Where they come from, first match wins:
 Without `KUBEBUILDER_ASSETS` and without Go, `AssetsUnavailable` says how to
 fix either; tests never skip silently for lack of binaries.
 
-`python -m kubelock.testing.assets` locates or builds them and prints the
-folder.
+The single-node cluster (`kubelock.testing.cluster`) also needs
+kube-controller-manager, kube-scheduler, kubelet, kube-proxy and the Pod
+sandbox's `pause` program. `ensure_node_binaries()` builds them the same way
+into a cache entry of their own, `.../kubelock/node/k8s-<version>/bin`, so the
+control plane's entry is never rebuilt for them; both builds use the same
+throwaway module, so the second one reuses the first one's Go build cache.
+`pause` is compiled with the C compiler from `build/pause/linux/pause.c` of the
+`k8s.io/kubernetes` module.
+
+`python -m kubelock.testing.assets` locates or builds the control plane's
+binaries and prints the folder; `python -m kubelock.testing.assets node` does
+the same for the node's.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -44,14 +55,24 @@ from .versions import ETCD_VERSION, GO_MINIMUM, KUBERNETES_VERSION, STAGING_VERS
 
 __all__ = [
     "ASSETS_VARIABLE",
+    "NODE_BINARIES",
     "REQUIRED_BINARIES",
     "AssetsUnavailable",
     "cache_entry",
     "ensure_binaries",
+    "ensure_node_binaries",
+    "node_cache_entry",
 ]
 
 ASSETS_VARIABLE: Final = "KUBEBUILDER_ASSETS"
 REQUIRED_BINARIES: Final = ("kube-apiserver", "etcd")
+NODE_BINARIES: Final = (
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+    "pause",
+)
 
 PROGRESS_INTERVAL: Final = 15.0
 """Seconds between two "still building" lines on stderr."""
@@ -63,6 +84,13 @@ _PACKAGES: Final = (
     "k8s.io/kubernetes/cmd/kubectl",
     _ETCD_MODULE,
 )
+_NODE_PACKAGES: Final = (
+    "k8s.io/kubernetes/cmd/kube-controller-manager",
+    "k8s.io/kubernetes/cmd/kube-scheduler",
+    "k8s.io/kubernetes/cmd/kubelet",
+    "k8s.io/kubernetes/cmd/kube-proxy",
+)
+_PAUSE_SOURCE: Final = Path("build", "pause", "linux", "pause.c")
 # `go build -o dir/` names a binary after the last path element that is not a
 # major-version suffix; etcd's main package is .../server/v3.
 _ETCD_OUTPUT_NAMES: Final = ("server", "v3")
@@ -86,6 +114,24 @@ def cache_entry() -> Path:
     return cache_root() / "controlplane" / f"k8s-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
 
 
+def node_cache_entry() -> Path:
+    """The cache folder of the node's binaries (its `bin` holds them)."""
+    return cache_root() / "node" / f"k8s-{KUBERNETES_VERSION}"
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One cache entry: what it holds and how the Go build makes it."""
+
+    what: str
+    entry: Path
+    required: tuple[str, ...]
+    packages: tuple[str, ...]
+    estimate: str
+    finish: Callable[[Path, Path, Path, TextIO], None] | None = None
+    """Called with (module dir of k8s.io/kubernetes, bin, log, out) after `go build`."""
+
+
 def ensure_binaries(*, progress: TextIO | None = None) -> Path:
     """Return a folder holding `kube-apiserver`, `etcd` and (usually) `kubectl`.
 
@@ -105,22 +151,59 @@ def ensure_binaries(*, progress: TextIO | None = None) -> Path:
                 "with Go."
             )
         return folder
-    entry = cache_entry()
-    if not _missing(entry / "bin"):
+    return _ensure(_control_plane(), out)
+
+
+def ensure_node_binaries(*, progress: TextIO | None = None) -> Path:
+    """Return a folder holding the node's binaries (`NODE_BINARIES`).
+
+    Built on first use like `ensure_binaries()`, into `node_cache_entry()`;
+    `KUBEBUILDER_ASSETS` does not apply (envtest ships no node components).
+    Raises `AssetsUnavailable` without Go or a C compiler.
+    """
+    return _ensure(_node(), sys.stderr if progress is None else progress)
+
+
+def _control_plane() -> _Target:
+    return _Target(
+        what=(
+            f"kube-apiserver and kubectl (Kubernetes {KUBERNETES_VERSION}) and etcd {ETCD_VERSION}"
+        ),
+        entry=cache_entry(),
+        required=REQUIRED_BINARIES,
+        packages=_PACKAGES,
+        estimate="6-15 on 2 cores with a cold Go build cache",
+    )
+
+
+def _node() -> _Target:
+    return _Target(
+        what=f"{', '.join(NODE_BINARIES[:-1])} and pause (Kubernetes {KUBERNETES_VERSION})",
+        entry=node_cache_entry(),
+        required=NODE_BINARIES,
+        packages=_NODE_PACKAGES,
+        estimate="10-25 on 2 cores with a cold Go build cache, less after the control plane's",
+        finish=_build_pause,
+    )
+
+
+def _ensure(target: _Target, out: TextIO) -> Path:
+    entry = target.entry
+    if not _missing(entry / "bin", target.required):
         return entry / "bin"
     go = _go_toolchain()
     entry.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(entry.parent / f"{entry.name}.lock", out):
-        if not _missing(entry / "bin"):  # another run built it while we waited
+        if not _missing(entry / "bin", target.required):  # built while we waited
             return entry / "bin"
-        _build(go, entry, out)
+        _build(go, target, out)
     return entry / "bin"
 
 
-def _missing(folder: Path) -> list[str]:
+def _missing(folder: Path, required: Sequence[str] = REQUIRED_BINARIES) -> list[str]:
     return [
         name
-        for name in REQUIRED_BINARIES
+        for name in required
         if not (folder / name).is_file() or not os.access(folder / name, os.X_OK)
     ]
 
@@ -183,12 +266,13 @@ def exclusive(lock_path: Path, out: TextIO) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def _build(go: str, entry: Path, out: TextIO) -> None:
-    """Build the binaries into a temporary folder, then rename it to `entry`.
+def _build(go: str, target: _Target, out: TextIO) -> None:
+    """Build the binaries into a temporary folder, then rename it to the entry.
 
     The caller holds the build lock, so leftovers of interrupted builds and an
-    incomplete `entry` can be removed safely.
+    incomplete entry can be removed safely.
     """
+    entry = target.entry
     for stale in entry.parent.glob(f".{entry.name}-build-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if entry.exists():
@@ -200,27 +284,29 @@ def _build(go: str, entry: Path, out: TextIO) -> None:
     started = time.monotonic()
     say(
         out,
-        f"building kube-apiserver and kubectl (Kubernetes {KUBERNETES_VERSION}) and etcd "
-        f"{ETCD_VERSION} with {go} into {entry / 'bin'}; this happens once per version "
-        "and takes minutes (6-15 on 2 cores with a cold Go build cache)",
+        f"building {target.what} with {go} into {entry / 'bin'}; this happens once per "
+        f"version and takes minutes ({target.estimate})",
     )
     try:
-        _write_module(go, work, log, out)
+        kubernetes_dir = _write_module(go, work, log, out)
         run_logged(go, ["mod", "tidy"], work, log, out, "resolving Go modules")
         _check_etcd_version(work / "go.mod")
         (work / "bin").mkdir()
+        names = ", ".join(package.rsplit("/", 1)[-1] for package in target.packages)
         run_logged(
             go,
-            ["build", "-v", "-trimpath", f"-ldflags={_ldflags()}", "-o", "bin/", *_PACKAGES],
+            ["build", "-v", "-trimpath", f"-ldflags={_ldflags()}", "-o", "bin/", *target.packages],
             work,
             log,
             out,
-            "compiling kube-apiserver, kubectl and etcd",
+            f"compiling {names}",
         )
         for name in _ETCD_OUTPUT_NAMES:
             if (work / "bin" / name).exists():
                 (work / "bin" / name).rename(work / "bin" / "etcd")
-        missing = _missing(work / "bin")
+        if target.finish is not None:
+            target.finish(kubernetes_dir, work / "bin", log, out)
+        missing = _missing(work / "bin", target.required)
         if missing:
             raise AssetsUnavailable(
                 f"the Go build finished without {', '.join(missing)}; see {log}"
@@ -230,7 +316,29 @@ def _build(go: str, entry: Path, out: TextIO) -> None:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    say(out, f"built the control plane in {time.monotonic() - started:.0f} s: {entry / 'bin'}")
+    say(out, f"built {target.what} in {time.monotonic() - started:.0f} s: {entry / 'bin'}")
+
+
+def _build_pause(kubernetes_dir: Path, bin_dir: Path, log: Path, out: TextIO) -> None:
+    """Compile the Pod sandbox's `pause` statically from the Kubernetes module."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise AssetsUnavailable(
+            "no C compiler to build the Pod sandbox's pause program: install gcc and "
+            "libc6-dev (Debian), or set CC"
+        )
+    source = kubernetes_dir / _PAUSE_SOURCE
+    command = [compiler, "-Os", "-static", "-o", str(bin_dir / "pause"), str(source)]
+    with open(log, "ab") as sink:
+        sink.write(f"$ {' '.join(command)}\n".encode())
+        sink.flush()
+        code = subprocess.run(command, stdout=sink, stderr=sink, check=False).returncode
+    if code != 0:
+        raise AssetsUnavailable(
+            f"compiling {source} failed ({compiler} exited {code}; a static build needs "
+            f"libc6-dev); the end of {log}:\n{tail(log)}"
+        )
+    say(out, f"compiled pause from {source}")
 
 
 def _ldflags() -> str:
@@ -243,8 +351,14 @@ def _ldflags() -> str:
     )
 
 
-def _write_module(go: str, work: Path, log: Path, out: TextIO) -> None:
-    """Write go.mod and tools.go of the throwaway module that builds the binaries."""
+def _write_module(go: str, work: Path, log: Path, out: TextIO) -> Path:
+    """Write go.mod and tools.go of the throwaway module that builds the binaries.
+
+    The module is the same whichever binaries are built (tools.go imports all
+    of them), so both cache entries resolve the same dependency versions and
+    share compiled packages in the Go build cache. Returns the folder of the
+    downloaded `k8s.io/kubernetes` module.
+    """
     described = run_logged(
         go,
         ["mod", "download", "-json", f"{_KUBERNETES_MODULE}@{KUBERNETES_VERSION}"],
@@ -283,12 +397,13 @@ def _write_module(go: str, work: Path, log: Path, out: TextIO) -> None:
         ")\n\n"
         f"replace (\n{replaces})\n"
     )
-    imports = "".join(f'\t_ "{package}"\n' for package in _PACKAGES)
+    imports = "".join(f'\t_ "{package}"\n' for package in (*_PACKAGES, *_NODE_PACKAGES))
     (work / "tools.go").write_text(
         "//go:build tools\n\n"
         "// Package tools keeps the built commands in go.mod for `go mod tidy`.\n"
         f"package tools\n\nimport (\n{imports})\n"
     )
+    return Path(info["Dir"])
 
 
 def _check_etcd_version(go_mod: Path) -> None:
@@ -377,10 +492,13 @@ def say(out: TextIO, message: str) -> None:
     print(f"kubelock.testing: {message}", file=out, flush=True)
 
 
-def main() -> int:
-    """Locate or build the binaries and print their folder."""
+def main(argv: Sequence[str] = ()) -> int:
+    """Locate or build the binaries (`node`: the node's) and print their folder."""
+    if list(argv) not in ([], ["node"]):
+        print("usage: python -m kubelock.testing.assets [node]", file=sys.stderr)
+        return 2
     try:
-        print(ensure_binaries())
+        print(ensure_node_binaries() if argv else ensure_binaries())
     except AssetsUnavailable as error:
         print(f"kubelock.testing: {error}", file=sys.stderr)
         return 1
@@ -388,4 +506,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -76,6 +76,8 @@ Rule = Mapping[str, Any]
 
 SERVICE_ACCOUNT_ISSUER: Final = "https://kubernetes.default.svc"
 SERVING_NAMES: Final = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
+SERVICE_CIDR: Final = "10.0.0.0/24"
+"""The Services' ClusterIP range; the `kubernetes` Service gets its first address."""
 SPARE_USERS: Final = 20
 STOP_GRACE: Final = 5.0
 """Seconds between SIGTERM and SIGKILL when stopping a process."""
@@ -130,12 +132,17 @@ class ControlPlane:
         bin_dir: Path | None = None,
         workdir: Path | None = None,
         startup_timeout: float = 60.0,
+        address: str = _LOOPBACK,
+        apiserver_args: Sequence[str] = (),
     ) -> None:
         """Prepare, without starting anything.
 
         `bin_dir` defaults to `ensure_binaries()`. `workdir` is kept after
         `stop()` when given (useful for its logs); otherwise a temporary folder
-        is made and removed.
+        is made and removed. `address` is where kube-apiserver listens and
+        what it advertises (loopback; the single-node cluster gives an address
+        its Pods can reach, and then the `kubernetes` Service's endpoints are
+        maintained). `apiserver_args` are appended to kube-apiserver's flags.
         """
         if bin_dir is None:
             # Imported here so that `python -m kubelock.testing.assets` runs a fresh module.
@@ -148,6 +155,8 @@ class ControlPlane:
             Path(tempfile.mkdtemp(prefix="kubelock-controlplane-")) if workdir is None else workdir
         )
         self._startup_timeout = startup_timeout
+        self._address = address
+        self._apiserver_args = list(apiserver_args)
         self._prepared = False
         self._etcd: subprocess.Popen[bytes] | None = None
         self._apiserver: subprocess.Popen[bytes] | None = None
@@ -252,8 +261,8 @@ class ControlPlane:
         self._apiserver = self._spawn(
             "kube-apiserver",
             [
-                f"--bind-address={_LOOPBACK}",
-                f"--advertise-address={_LOOPBACK}",
+                f"--bind-address={self._address}",
+                f"--advertise-address={self._address}",
                 f"--secure-port={self._port}",
                 f"--etcd-servers={self.etcd_url}",
                 f"--cert-dir={work / 'apiserver-certs'}",
@@ -265,10 +274,11 @@ class ControlPlane:
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={work / 'service-account.pub'}",
                 f"--service-account-signing-key-file={work / 'service-account.key'}",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                # No kubernetes Service endpoints: nothing routes to them here.
-                "--endpoint-reconciler-type=none",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # On loopback no Pod could use the kubernetes Service's endpoints.
+                f"--endpoint-reconciler-type={'none' if self._address == _LOOPBACK else 'lease'}",
                 "--profiling=false",
+                *self._apiserver_args,
             ],
         )
         self._wait_until("kube-apiserver", self._apiserver, self._apiserver_ready)
@@ -284,7 +294,7 @@ class ControlPlane:
     @property
     def server(self) -> str:
         """The API server's https URL."""
-        return f"https://{_LOOPBACK}:{self._port}"
+        return f"https://{self._address}:{self._port}"
 
     @property
     def port(self) -> int:
@@ -525,7 +535,7 @@ class ControlPlane:
         shutil.copyfile(self.ca_file, folder / "ca.crt")
         (folder / "namespace").write_text(namespace)
         return {
-            "KUBERNETES_SERVICE_HOST": _LOOPBACK,
+            "KUBERNETES_SERVICE_HOST": self._address,
             "KUBERNETES_SERVICE_PORT": str(self._port),
             "KUBELOCK_SERVICEACCOUNT_DIR": str(folder),
         }
@@ -538,7 +548,7 @@ class ControlPlane:
             return
         self._workdir.mkdir(parents=True, exist_ok=True)
         self._etcd_port, self._etcd_peer_port, self._port = free_ports(3)
-        _write_pki(self._workdir)
+        _write_pki(self._workdir, self._address)
         users = [(self._admin_token, _ADMIN, "system:masters")]
         users += [(token, name, "") for name, token in self._spare_users.items()]
         (self._workdir / "tokens.csv").write_text(
@@ -560,20 +570,8 @@ class ControlPlane:
     def _wait_until(
         self, name: str, process: subprocess.Popen[bytes], ready: Callable[[], bool]
     ) -> None:
-        deadline = time.monotonic() + self._startup_timeout
-        while not ready():
-            log = self._workdir / f"{name}.log"
-            if process.poll() is not None:
-                raise ControlPlaneError(
-                    f"{name} exited with status {process.returncode} while starting; "
-                    f"the end of {log}:\n{tail(log, lines=40)}"
-                )
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    f"{name} was not ready after {self._startup_timeout:.0f} s; "
-                    f"the end of {log}:\n{tail(log, lines=40)}"
-                )
-            time.sleep(0.1)
+        log = self._workdir / f"{name}.log"
+        wait_until_ready(name, process, ready, log, self._startup_timeout, ControlPlaneError)
 
     def _etcd_healthy(self) -> bool:
         try:
@@ -640,6 +638,31 @@ class ControlPlane:
         self._names += 1
         slug = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-")[:40]
         return f"{slug}-{self._names}-{secrets.token_hex(2)}"
+
+
+def wait_until_ready(
+    name: str,
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    log: Path,
+    timeout: float,
+    error: type[Exception],
+) -> None:
+    """Poll `ready` until true; raise `error` with the end of `log` if `process` exits or
+    `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise error(
+                f"{name} exited with status {process.returncode} while starting; "
+                f"the end of {log}:\n{tail(log, lines=40)}"
+            )
+        if time.monotonic() > deadline:
+            raise error(
+                f"{name} was not ready after {timeout:.0f} s; "
+                f"the end of {log}:\n{tail(log, lines=40)}"
+            )
+        time.sleep(0.1)
 
 
 def process_alive(pid: int) -> bool:
@@ -747,8 +770,12 @@ def _status_message(answer: httpx.Response) -> str:
 # -- certificates ------------------------------------------------------------
 
 
-def _write_pki(folder: Path) -> None:
-    """Write this run's CA, the serving certificate and the ServiceAccount key pair."""
+def _write_pki(folder: Path, address: str) -> None:
+    """Write this run's CA, the serving certificate and the ServiceAccount key pair.
+
+    The serving certificate names loopback, `address` and the `kubernetes`
+    Service's ClusterIP (the first address of `SERVICE_CIDR`).
+    """
     now = datetime.datetime.now(datetime.UTC)
     valid_from, valid_until = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=7)
 
@@ -784,7 +811,9 @@ def _write_pki(folder: Path) -> None:
 
     serving_key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(name) for name in SERVING_NAMES]
-    names.append(x509.IPAddress(ipaddress.ip_address(_LOOPBACK)))
+    service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+    for ip in dict.fromkeys([_LOOPBACK, address, str(service_ip)]):
+        names.append(x509.IPAddress(ipaddress.ip_address(ip)))
     serving_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
