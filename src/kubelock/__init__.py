@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .errors import (
+    AlreadyDone,
     ApiError,
     ConfigError,
     Conflict,
@@ -16,6 +17,7 @@ from .errors import (
     LeaseLost,
     Unreachable,
     UsageError,
+    WaitTimedOut,
 )
 from .settings import ElectionTiming
 
@@ -36,6 +38,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AlreadyDone",
     "ApiError",
     "ConfigError",
     "Conflict",
@@ -47,6 +50,7 @@ __all__ = [
     "Lock",
     "Unreachable",
     "UsageError",
+    "WaitTimedOut",
     "__version__",
     "hold",
 ]

@@ -28,6 +28,8 @@ from .settings import (
     validate_lock_type,
     validate_name,
     validate_namespace,
+    validate_once_key,
+    validate_timeout,
 )
 
 #: How long before ``held_until`` guarded work must be gone at the latest.
@@ -76,6 +78,13 @@ class Lock:
     Configuration is found as kubectl finds it (``kubeconfig`` path, else
     ``$KUBECONFIG``, else in-cluster, else ``~/.kube/config``); ``store``
     replaces all of that with a ready :class:`~kubelock.locks.base.LockStore`.
+
+    ``timeout``: give up waiting after that many seconds with
+    :class:`~kubelock.errors.WaitTimedOut` (``0``: try once). ``once``: a KEY
+    (a version, a migrations hash); when a body with that KEY has completed
+    without an exception, the release records it on the lock, and from then
+    on entering raises :class:`~kubelock.errors.AlreadyDone` at once, instead
+    of waiting, for every contender with that KEY.
     """
 
     def __init__(
@@ -92,6 +101,8 @@ class Lock:
         context: str | None = None,
         observer: Observer | None = None,
         store: LockStore | None = None,
+        timeout: float | None = None,
+        once: str | None = None,
     ) -> None:
         validate_name(name)
         if namespace is not None:
@@ -105,6 +116,8 @@ class Lock:
         self.context = context
         self.observer = observer
         self._store = store
+        self.timeout = None if timeout is None else validate_timeout(timeout)
+        self.once = None if once is None else validate_once_key(once)
         self._active: contextlib.AbstractAsyncContextManager[Held] | None = None
 
     async def __aenter__(self) -> Held:
@@ -141,8 +154,10 @@ class Lock:
     @contextlib.asynccontextmanager
     async def _hold(self) -> AsyncIterator[Held]:
         async with self._open_store() as store:
-            elector = Elector(store, self.identity, self.timing, observer=self.observer)
-            token = await elector.acquire()
+            elector = Elector(
+                store, self.identity, self.timing, observer=self.observer, once=self.once
+            )
+            token = await elector.acquire(timeout=self.timeout)
             held = Held(store.name, store.namespace, self.identity, token, elector)
             body_error: Exception | None = None
             try:
@@ -159,6 +174,9 @@ class Lock:
                         # Re-raised below, outside the nursery, so callers see
                         # their own exception rather than an ExceptionGroup.
                         body_error = error
+                    else:
+                        if held.lost is None:
+                            elector.work_succeeded()
                     nursery.cancel_scope.cancel()
             finally:
                 await elector.release()

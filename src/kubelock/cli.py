@@ -45,6 +45,8 @@ from .settings import (
     parse_metrics_address,
     validate_lock_type,
     validate_log_format,
+    validate_once_key,
+    validate_output,
     validate_pushgateway,
 )
 
@@ -64,9 +66,11 @@ Every option can also be set by the environment variable shown beside it."""
 _EPILOGUE = """\
 Exit status:
   the command's own      it ran (128+N when killed by signal N)
+  0                      also: with --once, KEY was already done (the command did not run)
   1                      the lock could not be taken (for example RBAC denied it)
   2                      bad usage or configuration; nothing was written
   75                     the lock was lost while the command ran; it was stopped
+  124                    --timeout ran out while waiting for the lock; nothing written
   126, 127               the command could not be run, or was not found
   130, 143               interrupted (SIGINT, SIGTERM) while waiting for the lock"""
 
@@ -99,6 +103,10 @@ class _Options:
     verbose: bool
     metrics_address: str | None
     pushgateway: str | None
+    timeout: str | None
+    once: str | None
+    status: bool
+    output: str
 
 
 def _options(
@@ -189,6 +197,37 @@ def _options(
             "pushgateway", "URL", "push the metrics to this Pushgateway at exit", show_default="off"
         ),
     ] = None,
+    timeout: Annotated[
+        str | None,
+        _option(
+            "timeout",
+            "duration",
+            "stop waiting for the lock after this long and exit 124, nothing written (0: try once)",
+            show_default="wait as long as it takes",
+        ),
+    ] = None,
+    once: Annotated[
+        str | None,
+        _option(
+            "once",
+            "KEY",
+            "run COMMAND at most once per KEY (a version, a migrations hash): once it "
+            "exited 0, every contender with that KEY exits 0 without running it",
+            show_default="off",
+        ),
+    ] = None,
+    status: Annotated[
+        bool,
+        _option(
+            "status",
+            None,
+            "show the lock (holder, renewals, done KEYs) and exit; no COMMAND, needs only 'get'",
+        ),
+    ] = False,
+    output: Annotated[
+        str,
+        _option("output", "text|json", "how --status prints the lock", alias="-o"),
+    ] = "text",
 ) -> _Options:
     given = locals()
     return _Options(**{field.name: given[field.name] for field in dataclasses.fields(_Options)})
@@ -340,7 +379,10 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
         raise UsageError(f"{_one_line(error)}; see kubelock --help") from None
     if not isinstance(given, _Options):
         return None  # --help or --version, already printed
-    if not command:
+    if given.status:
+        if command:
+            raise UsageError(f"--status takes no command (got {command[0]!r}); see kubelock --help")
+    elif not command:
         raise UsageError(
             "missing the command to run: kubelock [OPTIONS] COMMAND [ARGS...]; see kubelock --help"
         )
@@ -366,8 +408,12 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
                 raise  # the message already names the option's value
             raise UsageError(f"{source(option)}: {error}") from None
 
+    output = checked("--output", validate_output, given.output)
+    if given.output != "text" and not given.status:
+        raise UsageError("--output only applies to --status; see kubelock --help")
     metrics = given.metrics_address or None
     pushgateway = given.pushgateway or None
+    timeout = given.timeout or None
     return Settings(
         command=tuple(command),
         identity=given.id if given.id is not None else _default_identity(),
@@ -394,6 +440,9 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
             if pushgateway is None
             else checked("--pushgateway", validate_pushgateway, pushgateway)
         ),
+        timeout=None if timeout is None else duration("--timeout", timeout),
+        once=None if given.once is None else checked("--once", validate_once_key, given.once),
+        status=output if given.status else None,
     )
 
 
@@ -415,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if settings is None:
             sys.exit(0)
         setup_logging(settings.log_format, settings.verbose)
+        if settings.status is not None:
+            from . import status as show_status
+
+            sys.exit(show_status.run(settings))
         from . import supervisor  # imported late: parsing and --help stay light
 
         status = supervisor.run(settings)

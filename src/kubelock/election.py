@@ -36,7 +36,16 @@ from datetime import datetime
 
 import trio
 
-from .errors import ApiError, Conflict, Forbidden, Gone, NotFound, Unauthorized
+from .errors import (
+    AlreadyDone,
+    ApiError,
+    Conflict,
+    Forbidden,
+    Gone,
+    NotFound,
+    Unauthorized,
+    WaitTimedOut,
+)
 from .events import (
     Acquired,
     Event,
@@ -49,6 +58,7 @@ from .events import (
     Waiting,
 )
 from .locks.base import LockStore, Observed
+from .locks.once import DoneKey, done_annotation, find_done
 from .locks.record import LeaderElectionRecord, utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
 
@@ -82,6 +92,7 @@ class Elector:
         rng: random.Random | None = None,
         waiting_report_interval: float = WAITING_REPORT_INTERVAL,
         release_timeout: float = RELEASE_TIMEOUT,
+        once: str | None = None,
     ) -> None:
         if not identity:
             raise ValueError("identity must not be empty")
@@ -93,6 +104,9 @@ class Elector:
         self._rng = rng or random.Random()
         self._waiting_report_interval = waiting_report_interval
         self._release_timeout = release_timeout
+        #: Run once per KEY: a contender that sees it done raises AlreadyDone.
+        self.once = once
+        self._succeeded = False
 
         # What this contender last saw, and when (local monotonic) it last changed.
         self._observed: Observed | None = None
@@ -128,20 +142,27 @@ class Elector:
 
     # -- acquire --------------------------------------------------------------
 
-    async def acquire(self) -> int:
+    async def acquire(self, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Wait until this contender holds the lock; return the fencing token.
 
         Cancellation (a signal while waiting) stops waiting at once; a write
         is only ever in flight when the lock looked free or expired.
         ``Forbidden``/``Unauthorized`` end the wait with that error (nothing
         retrying could fix); other API errors are reported and retried.
+
+        ``timeout``: give up with :class:`~kubelock.errors.WaitTimedOut` after
+        that many seconds, between steps, so no write of ours is cut short
+        (``0``: try once). With :attr:`once` set, a record of that KEY being
+        done, seen before taking the lock, raises
+        :class:`~kubelock.errors.AlreadyDone` instead.
         """
         self._started = trio.current_time()
-        fatal: ApiError | None = None
+        give_up_at = math.inf if timeout is None else self._started + max(timeout, 0.0)
+        fatal: Exception | None = None
         async with trio.open_nursery() as nursery:
             try:
-                await self._acquire_loop(nursery)
-            except FATAL_ERRORS as error:
+                await self._acquire_loop(nursery, give_up_at)
+            except (*FATAL_ERRORS, WaitTimedOut, AlreadyDone) as error:
                 # Raised outside the nursery, so callers see the error itself.
                 fatal = error
             nursery.cancel_scope.cancel()
@@ -154,7 +175,7 @@ class Elector:
         )
         return self.fencing_token
 
-    async def _acquire_loop(self, nursery: trio.Nursery) -> None:
+    async def _acquire_loop(self, nursery: trio.Nursery, give_up_at: float) -> None:
         last_report_holder: str | None = None
         last_report_time = -math.inf
         watching = False
@@ -166,9 +187,12 @@ class Elector:
                 raise
             except ApiError as error:
                 self._emit(WaitFailed(error=str(error)))
-                await self._sleep_jittered()
+                self._give_up_if_due(give_up_at, str(error))
+                with trio.move_on_at(give_up_at):
+                    await self._sleep_jittered()
                 continue
             record = self._observed.record if self._observed else None
+            self._give_up_if_due(give_up_at, self._holder_text())
             now = trio.current_time()
             if record is not None and (
                 record.holder_identity != last_report_holder
@@ -186,12 +210,26 @@ class Elector:
             if not watching:
                 watching = True
                 nursery.start_soon(self._watch)
-            await self._wait_for_change_or_expiry()
+            await self._wait_for_change_or_expiry(give_up_at)
 
-    async def _wait_for_change_or_expiry(self) -> None:
+    def _give_up_if_due(self, give_up_at: float, why: str) -> None:
+        now = trio.current_time()
+        if now >= give_up_at:
+            raise WaitTimedOut(
+                f"gave up waiting for the lock {self.store.describe()} after "
+                f"{now - self._started:.1f}s: {why}; nothing was written"
+            )
+
+    def _holder_text(self) -> str:
+        record = self._observed.record if self._observed else None
+        if record is None or not record.is_held:
+            return "it was taken by somebody else"
+        return f"held by {record.holder_identity!r}"
+
+    async def _wait_for_change_or_expiry(self, give_up_at: float = math.inf) -> None:
         """Sleep until the watch reports a change, the lease expires, or the poll is due."""
         poll = self.timing.retry_period * (1 + self._rng.random() * JITTER_FACTOR)
-        wake_at = trio.current_time() + poll
+        wake_at = min(trio.current_time() + poll, give_up_at)
         expiry = self._expiry()
         if expiry is not None:
             wake_at = min(wake_at, expiry)
@@ -288,6 +326,10 @@ class Elector:
             return True
 
         self._observe(current)
+        if self.once is not None:
+            done = find_done(current.raw, self.once)
+            if done is not None:
+                raise AlreadyDone(f"{self.once!r} is {describe_done(done)}", done)
         old = current.record
         expiry = self._expiry()
         if old.is_held and expiry is not None and trio.current_time() < expiry:
@@ -439,12 +481,18 @@ class Elector:
 
     # -- release --------------------------------------------------------------
 
+    def work_succeeded(self) -> None:
+        """The guarded work succeeded: the release records the :attr:`once` KEY as done."""
+        self._succeeded = True
+
     async def release(self) -> bool:
         """Give the lock back so the next contender starts at once; True when written.
 
         Shielded from cancellation and bounded by ``release_timeout``: when the API
         cannot be reached, kubelock exits anyway and the lease expires.
-        Does nothing when the lock is not held (never acquired, or lost).
+        Does nothing when the lock is not held (never acquired, or lost). After
+        :meth:`work_succeeded`, the same conditional write records the
+        :attr:`once` KEY as done.
         """
         if not self.is_holding:
             return False
@@ -453,7 +501,8 @@ class Elector:
         with trio.CancelScope(shield=True), trio.move_on_after(self._release_timeout):
             written = await self._write_release()
         self._acquired_at = None
-        self._emit(Released(held=held, written=written))
+        done = self.once if self._succeeded else None
+        self._emit(Released(held=held, written=written, done=done))
         return written
 
     async def _write_release(self) -> bool:
@@ -470,8 +519,13 @@ class Elector:
                 renew_time=now_wall,
                 leader_transitions=current.record.leader_transitions,
             )
+            annotations = None
+            if self.once is not None and self._succeeded:
+                assert self.fencing_token is not None
+                done = DoneKey(self.once, self.identity, now_wall, self.fencing_token)
+                annotations = done_annotation(current.raw, done)
             try:
-                self._observed = await self.store.update(record, current)
+                self._observed = await self.store.update(record, current, annotations=annotations)
                 return True
             except Conflict:
                 try:
@@ -484,3 +538,9 @@ class Elector:
             except ApiError:
                 return False
         return False
+
+
+def describe_done(done: DoneKey) -> str:
+    """``done by 'pod-a' at 2026-...Z (fencing token 3)``, for messages."""
+    at = f" at {done.at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if done.at is not None else ""
+    return f"done by {done.by!r}{at} (fencing token {done.fencing_token})"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .election import Elector
-from .errors import EXIT_LEASE_LOST, KubelockError
+from .errors import EXIT_LEASE_LOST, AlreadyDone, KubelockError
 from .events import Event, Observer
 from .process import FORWARDED_SIGNALS, CannotRun, run_child
 from .settings import Settings, validate_namespace
@@ -112,9 +112,15 @@ async def _wait_and_run(
 
     async with ApiClient(config, observer=observe) as api:
         store = make_lock(settings.lock_type, api, settings.name, namespace)
-        elector = Elector(store, settings.identity, settings.timing, observer=observe)
+        elector = Elector(
+            store, settings.identity, settings.timing, observer=observe, once=settings.once
+        )
         logger.info("taking the lock %s as %s", store.describe(), settings.identity)
-        stopped_by = await _acquire_unless_stopped(elector, signals)
+        try:
+            stopped_by = await _acquire_unless_stopped(elector, signals, settings.timeout)
+        except AlreadyDone as done:
+            logger.info("%s: not running the command", done)
+            return 0
         if stopped_by is not None:
             logger.info(
                 "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
@@ -123,10 +129,14 @@ async def _wait_and_run(
         return await _hold_and_run(settings, namespace, elector, metrics)
 
 
-async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int]) -> int | None:
+async def _acquire_unless_stopped(
+    elector: Elector,
+    signals: AsyncIterator[int],
+    timeout: float | None,  # noqa: ASYNC109 -- the election's own give-up time
+) -> int | None:
     """Acquire the lock; return the signal number instead if one stopped the wait."""
     stopped_by: int | None = None
-    failure: KubelockError | None = None
+    failure: KubelockError | AlreadyDone | None = None
     async with trio.open_nursery() as nursery:
 
         async def listen() -> None:
@@ -140,8 +150,8 @@ async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int])
 
         nursery.start_soon(listen)
         try:
-            await elector.acquire()
-        except KubelockError as error:
+            await elector.acquire(timeout=timeout)
+        except (KubelockError, AlreadyDone) as error:
             failure = error  # re-raised outside the nursery, as itself
         nursery.cancel_scope.cancel()
     if failure is not None:
@@ -185,6 +195,8 @@ async def _hold_and_run(
                         ),
                     )
                     logger.info("the command exited with status %d", status)
+                    if status == 0 and not lost:
+                        elector.work_succeeded()
                 except CannotRun as error:
                     failure = error
             nursery.cancel_scope.cancel()

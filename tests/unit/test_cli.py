@@ -111,6 +111,19 @@ def test_the_new_options() -> None:
     assert settings.pushgateway == "http://pushgateway:9091"
 
 
+def test_timeout_once_and_status() -> None:
+    settings = parsed("--timeout", "1m30s", "--once", "v1.2.3-abc", "true")
+    assert settings.timeout == 90.0
+    assert settings.once == "v1.2.3-abc"
+    assert settings.status is None
+    assert parsed("--timeout=0", "true").timeout == 0.0
+    assert parsed("true").timeout is None
+    assert parsed("true").once is None
+    assert parsed("--status").status == "text"
+    assert parsed("--status", "-o", "json").status == "json"
+    assert parsed("--status", "--output=json", "--name", "db").name == "db"
+
+
 def test_options_end_at_the_first_word_that_is_not_one() -> None:
     settings = parsed("--name", "db", "python", "manage.py", "migrate", "--noinput", "-v")
     assert settings.command == ("python", "manage.py", "migrate", "--noinput", "-v")
@@ -161,6 +174,8 @@ def test_every_option_reads_its_environment_variable(monkeypatch: pytest.MonkeyP
         "VERBOSE": "true",
         "METRICS_ADDRESS": ":9200",
         "PUSHGATEWAY": "https://push.example",
+        "TIMEOUT": "2s",
+        "ONCE": "v7",
     }.items():
         monkeypatch.setenv(f"KUBELOCK_{name}", value)
     assert parsed("true") == Settings(
@@ -177,6 +192,8 @@ def test_every_option_reads_its_environment_variable(monkeypatch: pytest.MonkeyP
         verbose=True,
         metrics_address=("0.0.0.0", 9200),
         pushgateway="https://push.example",
+        timeout=2.0,
+        once="v7",
     )
 
 
@@ -230,6 +247,14 @@ def test_a_bad_value_from_the_environment_names_the_variable(
         (["--metrics-address", "host:99999", "true"], "invalid metrics address 'host:99999'"),
         (["--pushgateway", "pushgateway:9091", "true"], "invalid pushgateway URL"),
         (["-v=perhaps", "true"], "invalid value for --verbose"),
+        (["--timeout", "-1s", "true"], "--timeout must not be negative (got -1s)"),
+        (["--timeout", "5", "true"], "--timeout: invalid duration '5'"),
+        (["--once", "", "true"], "invalid --once KEY ''"),
+        (["--once", "v 1", "true"], "invalid --once KEY 'v 1'"),
+        (["--once", "v" * 129, "true"], "use 1 to 128 printable characters"),
+        (["--status", "true"], "--status takes no command (got 'true')"),
+        (["-o", "json", "true"], "--output only applies to --status"),
+        (["--status", "-o", "yaml"], "invalid output format 'yaml': use one of text, json"),
     ],
 )
 def test_mistakes_are_usage_errors(argv: list[str], message: str) -> None:

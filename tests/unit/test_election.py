@@ -14,7 +14,8 @@ import trio.testing
 
 from kubelock import events
 from kubelock.election import Elector
-from kubelock.errors import Forbidden
+from kubelock.errors import AlreadyDone, Forbidden, WaitTimedOut
+from kubelock.locks.once import DONE_ANNOTATION, DONE_KEEP, done_keys
 from kubelock.locks.record import LeaderElectionRecord
 from kubelock.settings import ElectionTiming
 
@@ -24,7 +25,11 @@ TIMING = ElectionTiming(lease_duration=15, renew_deadline=10, retry_period=2)
 
 
 def contender(
-    backend: MemoryBackend, identity: str, seen: list[events.Event] | None = None
+    backend: MemoryBackend,
+    identity: str,
+    seen: list[events.Event] | None = None,
+    *,
+    once: str | None = None,
 ) -> Elector:
     return Elector(
         MemoryLock(backend, identity),
@@ -32,6 +37,7 @@ def contender(
         TIMING,
         observer=seen.append if seen is not None else None,
         rng=random.Random(identity),
+        once=once,
     )
 
 
@@ -391,3 +397,145 @@ async def test_two_processes_with_the_same_identity_still_exclude_each_other(
     backend.write(LeaderElectionRecord("1", 15, None, None, 2))
     reason = await second.keep_renewing()
     assert "same identity" in reason
+
+
+# --- --timeout -------------------------------------------------------------------------
+
+
+async def test_timeout_gives_up_behind_a_holder_at_the_deadline_writing_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    await contender(backend, "a").acquire()
+    b = contender(backend, "b")
+    with pytest.raises(WaitTimedOut, match=r"after 5\.0s: held by 'a'; nothing was written"):
+        await b.acquire(timeout=5)
+    assert trio.current_time() == pytest.approx(5)
+    assert [write.by for write in backend.history] == ["a"]
+
+
+async def test_timeout_zero_tries_once(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    await contender(backend, "a").acquire()
+    b = contender(backend, "b")
+    with pytest.raises(WaitTimedOut):
+        await b.acquire(timeout=0)
+    assert trio.current_time() == 0
+    store = b.store
+    assert isinstance(store, MemoryLock)
+    assert store.requests == ["get"]
+    # A free lock is taken by that one try.
+    backend.write(LeaderElectionRecord())
+    c = contender(backend, "c")
+    await c.acquire(timeout=0)
+    assert c.is_holding
+
+
+async def test_timeout_does_not_stop_a_waiter_that_gets_the_lock_in_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: b.acquire(timeout=10))
+        await trio.sleep(3)
+        await a.release()
+    assert b.is_holding
+
+
+# --- --once ----------------------------------------------------------------------------
+
+
+async def test_once_records_the_key_in_the_release_after_success(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.write(LeaderElectionRecord())
+    assert backend.current is not None
+    backend.current.raw["metadata"] = {"annotations": {"someone.else/note": "kept"}}
+    a = contender(backend, "a", once="v1")
+    token = await a.acquire()
+    a.work_succeeded()
+    await a.release()
+    assert backend.current is not None
+    [done] = done_keys(backend.current.raw)
+    assert (done.key, done.by, done.fencing_token) == ("v1", "a", token)
+    assert backend.current.raw["metadata"]["annotations"]["someone.else/note"] == "kept"
+    assert backend.current.record.holder_identity == ""
+    # A later contender with the same KEY writes nothing and does not wait.
+    b = contender(backend, "b", once="v1")
+    writes = len(backend.history)
+    with pytest.raises(AlreadyDone, match=r"'v1' is done by 'a' .*fencing token 1"):
+        await b.acquire()
+    assert len(backend.history) == writes
+    # Another KEY runs, and both KEYs stay recorded.
+    c = contender(backend, "c", once="v2")
+    await c.acquire()
+    c.work_succeeded()
+    await c.release()
+    assert [done.key for done in done_keys(backend.current.raw)] == ["v1", "v2"]
+
+
+async def test_a_waiter_learns_the_key_is_done_from_its_watch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", once="v1")
+    await a.acquire()
+    b = contender(backend, "b", once="v1")
+    done_at: list[float] = []
+
+    async def wait_b() -> None:
+        with pytest.raises(AlreadyDone):
+            await b.acquire()
+        done_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_b)
+        await trio.sleep(7)
+        a.work_succeeded()
+        await a.release()
+    assert done_at == [pytest.approx(7)]
+    assert [write.by for write in backend.history] == ["a", "a"]
+
+
+async def test_a_failed_run_records_nothing_and_the_next_one_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", once="v2")
+    await a.acquire()
+    await a.release()  # the work failed: no work_succeeded()
+    assert backend.current is not None
+    assert done_keys(backend.current.raw) == ()
+    b = contender(backend, "b", once="v2")
+    await b.acquire()
+    assert b.is_holding
+
+
+async def test_done_keys_are_bounded_newest_kept(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    for version in range(DONE_KEEP + 5):
+        elector = contender(backend, f"c{version}", once=f"v{version}")
+        await elector.acquire()
+        elector.work_succeeded()
+        await elector.release()
+    assert backend.current is not None
+    keys = [done.key for done in done_keys(backend.current.raw)]
+    assert keys == [f"v{version}" for version in range(5, DONE_KEEP + 5)]
+
+
+async def test_an_unreadable_done_annotation_reads_as_nothing_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.write(LeaderElectionRecord())
+    assert backend.current is not None
+    backend.current.raw["metadata"] = {"annotations": {DONE_ANNOTATION: "{not json"}}
+    a = contender(backend, "a", once="v1")
+    await a.acquire()
+    a.work_succeeded()
+    await a.release()
+    assert [done.key for done in done_keys(backend.current.raw)] == ["v1"]
