@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from .election import Elector
-from .errors import EXIT_LEASE_LOST, AlreadyDone, KubelockError
+from .errors import EXIT_LEASE_LOST, AlreadyDone, KubelockError, LeaseLost
 from .events import Event, Observer
-from .process import FORWARDED_SIGNALS, CannotRun, run_child
-from .settings import Settings, validate_namespace
+from .process import FORWARDED_SIGNALS, run_child
+from .settings import Settings
 
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
@@ -48,12 +48,10 @@ def run(settings: Settings) -> int:
 
 
 async def supervise(settings: Settings) -> int:
-    from .kube.auth import load_config
+    from .kube.auth import load_cluster
     from .log import log_event
 
-    config = load_config(settings.kubeconfig, settings.context)
-    namespace = settings.namespace or config.namespace
-    validate_namespace(namespace)
+    config, namespace = load_cluster(settings.kubeconfig, settings.context, settings.namespace)
 
     observers: list[Observer] = [log_event]
     metrics = None
@@ -107,11 +105,11 @@ async def _wait_and_run(
     metrics: Metrics | None,
     signals: AsyncIterator[int],
 ) -> int:
-    from .kube.api import ApiClient
-    from .locks import make_lock
+    from .locks import open_lock
 
-    async with ApiClient(config, observer=observe) as api:
-        store = make_lock(settings.lock_type, api, settings.name, namespace)
+    async with open_lock(
+        config, settings.lock_type, settings.name, namespace, observer=observe
+    ) as store:
         elector = Elector(
             store, settings.identity, settings.timing, observer=observe, once=settings.once
         )
@@ -162,8 +160,6 @@ async def _acquire_unless_stopped(
 async def _hold_and_run(
     settings: Settings, namespace: str, elector: Elector, metrics: Metrics | None
 ) -> int:
-    from ._lock import safety_deadline
-
     assert elector.fencing_token is not None
     env = dict(os.environ)
     env.update(
@@ -172,41 +168,22 @@ async def _hold_and_run(
         KUBELOCK_IDENTITY=settings.identity,
         KUBELOCK_FENCING_TOKEN=str(elector.fencing_token),
     )
-    lost: list[str] = []
-    failure: KubelockError | None = None
-    status = 0
     try:
-        async with trio.open_nursery() as nursery:
-            child_scope = trio.CancelScope()
-
-            def on_lost(reason: str) -> None:
-                lost.append(reason)
-                child_scope.cancel()
-
-            nursery.start_soon(elector.keep_renewing, on_lost)
-            with child_scope:
-                try:
-                    status = await run_child(
-                        settings.command,
-                        env,
-                        grace_period=settings.grace_period,
-                        hard_deadline=lambda: safety_deadline(
-                            elector.held_until, settings.timing.lease_duration
-                        ),
-                    )
-                    logger.info("the command exited with status %d", status)
-                    if status == 0 and not lost:
-                        elector.work_succeeded()
-                except CannotRun as error:
-                    failure = error
-            nursery.cancel_scope.cancel()
-    finally:
-        await elector.release()
-    if failure is not None:
-        raise failure
-    if lost:
+        async with elector.holding() as held:
+            status = await run_child(
+                settings.command,
+                env,
+                grace_period=settings.grace_period,
+                hard_deadline=lambda: held.safety_deadline,
+            )
+            logger.info("the command exited with status %d", status)
+            if status == 0:
+                elector.work_succeeded()  # --once: the release records KEY as done
+    except LeaseLost:
         logger.error(
-            "lost the lock (%s): the command was stopped; exiting %d", lost[0], EXIT_LEASE_LOST
+            "lost the lock (%s): the command was stopped; exiting %d",
+            elector.lost_reason,
+            EXIT_LEASE_LOST,
         )
         status = EXIT_LEASE_LOST
     if metrics is not None:
