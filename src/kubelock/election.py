@@ -61,6 +61,7 @@ from .events import (
     Waiting,
 )
 from .locks.base import LockStore, Observed
+from .locks.handoff import handoff_annotation, handoff_window, next_window
 from .locks.once import DoneKey, done_annotation, find_done
 from .locks.record import LeaderElectionRecord, utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
@@ -162,6 +163,7 @@ class Elector:
         waiting_report_interval: float = WAITING_REPORT_INTERVAL,
         release_timeout: float = RELEASE_TIMEOUT,
         once: str | None = None,
+        defer_on_release: bool = True,
     ) -> None:
         if not identity:
             raise ValueError("identity must not be empty")
@@ -192,6 +194,15 @@ class Elector:
         self.fencing_token: int | None = None
         self.lost_reason: str | None = None
         self._warned_same_identity = False
+        # The hand-off window (see locks/handoff.py): a waiter that sees the lock
+        # come free waits a random delay before writing, once per version seen.
+        self._defer_on_release = defer_on_release
+        self._looked = False
+        self._deferred_for: str | None = None
+        self._window = 0.0
+        self._delay = 0.0
+        self._write_at = -math.inf
+        self._publish_window: float | None = None
 
     # -- public state ---------------------------------------------------------
 
@@ -344,8 +355,10 @@ class Elector:
         poll = self.timing.retry_period * (1 + self._rng.random() * JITTER_FACTOR)
         wake_at = min(trio.current_time() + poll, give_up_at)
         expiry = self._expiry()
-        if expiry is not None:
+        if expiry is not None and expiry > trio.current_time():
             wake_at = min(wake_at, expiry)
+        if self._write_at > trio.current_time():
+            wake_at = min(wake_at, self._write_at)
         with trio.move_on_at(wake_at):
             await self._changed.wait()
 
@@ -446,6 +459,8 @@ class Elector:
             return True
 
         current = self._observe(current)
+        first_look = not self._looked
+        self._looked = True
         if self.once is not None:
             done = find_done(current.raw, self.once)
             if done is not None:
@@ -466,6 +481,8 @@ class Elector:
                     )
                 )
             return False
+        if self._defer_on_release and not first_look and not old.is_held and self._defer(current):
+            return False
 
         record = self._record(self.identity, transitions=old.leader_transitions + 1)
         sent = trio.current_time()
@@ -479,7 +496,25 @@ class Elector:
             self._observed = None
             return False
         self._took(updated, sent)
+        if self._deferred_for == current.resource_version:
+            self._publish_window = next_window(self._window, self._delay)
         return True
+
+    def _defer(self, current: Observed) -> bool:
+        """True while this waiter should hold back its write on a lock that was released.
+
+        An expired lease (its holder died) is taken at once: that is rare, and
+        the lease duration already made everyone wait.
+
+        Not asked on the first look (nobody else may be waiting): that one writes
+        at once. Each version seen free gets one random delay in the published window.
+        """
+        if self._deferred_for != current.resource_version:
+            self._deferred_for = current.resource_version
+            self._window = handoff_window(current.raw)
+            self._delay = self._window * self._rng.random()
+            self._write_at = trio.current_time() + self._delay
+        return trio.current_time() < self._write_at
 
     def _record(
         self,
@@ -646,12 +681,14 @@ class Elector:
             record = self._record(
                 "", transitions=current.record.leader_transitions, lease_duration_seconds=1
             )
-            annotations = None
+            annotations: dict[str, str] = {}
+            if self._publish_window is not None:
+                annotations.update(handoff_annotation(self._publish_window))
             if self.once is not None and self._succeeded:
                 assert self.fencing_token is not None
                 at = record.renew_time
                 done = DoneKey(self.once, self.identity, at, self.fencing_token)
-                annotations = done_annotation(current.raw, done)
+                annotations.update(done_annotation(current.raw, done))
             try:
                 self._observed = await self.store.update(record, current, annotations=annotations)
                 return True

@@ -16,6 +16,7 @@ from kubelock import events
 from kubelock.election import Elector
 from kubelock.errors import AlreadyDone, Forbidden, WaitTimedOut
 from kubelock.locks.base import Observed
+from kubelock.locks.handoff import DEFAULT_WINDOW, HANDOFF_TARGET, next_window
 from kubelock.locks.once import DONE_ANNOTATION, DONE_KEEP, done_keys
 from kubelock.locks.record import LeaderElectionRecord
 from kubelock.settings import ElectionTiming
@@ -31,7 +32,10 @@ def contender(
     seen: list[events.Event] | None = None,
     *,
     once: str | None = None,
+    defer: bool = True,
 ) -> Elector:
+    """A contender; ``defer=False`` writes the moment a release is seen (no hand-off window),
+    for the tests of the watch's exact timing."""
     return Elector(
         MemoryLock(backend, identity),
         identity,
@@ -39,6 +43,7 @@ def contender(
         observer=seen.append if seen is not None else None,
         rng=random.Random(identity),
         once=once,
+        defer_on_release=defer,
     )
 
 
@@ -100,7 +105,7 @@ async def test_release_lets_a_waiter_in_at_once(autojump_clock: trio.testing.Moc
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     acquired_at: list[float] = []
 
     async def wait_b() -> None:
@@ -123,7 +128,7 @@ async def test_release_is_seen_through_the_watch_not_the_poll(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.acquire)
         await trio.sleep(5)
@@ -145,7 +150,7 @@ async def test_a_release_watched_during_a_poll_is_not_lost_to_the_older_answer(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()  # and a never renews, so b's watch goes quiet and b polls
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     store = b.store
     assert isinstance(store, MemoryLock)
     acquired_at: list[float] = []
@@ -315,7 +320,7 @@ async def test_a_dropped_watch_is_reopened(autojump_clock: trio.testing.MockCloc
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.acquire)
         await trio.sleep(1)
@@ -356,7 +361,7 @@ async def test_many_contenders_never_hold_at_once(autojump_clock: trio.testing.M
     order: list[str] = []
 
     async def run(name: str) -> None:
-        elector = contender(backend, name)
+        elector = contender(backend, name, defer=False)
         await elector.acquire()
         if holding:
             overlaps.append((holding[0], name))
@@ -579,3 +584,85 @@ async def test_an_unreadable_done_annotation_reads_as_nothing_done(
     a.work_succeeded()
     await a.release()
     assert [done.key for done in done_keys(backend.current.raw)] == ["v1"]
+
+
+# --- the hand-off window: no thundering herd -------------------------------------------
+
+
+async def test_a_free_lock_at_first_look_is_taken_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.write(LeaderElectionRecord())  # released long ago
+    b = contender(backend, "b")
+    await b.acquire()
+    assert trio.current_time() == 0
+
+
+async def test_on_a_release_one_waiter_writes_and_the_others_see_it_and_do_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    waiters = [contender(backend, name) for name in ("b", "c", "d", "e")]
+    async with trio.open_nursery() as nursery:
+        for waiter in waiters:
+            nursery.start_soon(waiter.acquire)
+        await trio.sleep(5)
+        await a.release()
+        await trio.sleep(1)
+        holders = [waiter for waiter in waiters if waiter.is_holding]
+        nursery.cancel_scope.cancel()
+    assert len(holders) == 1
+    writes = {}
+    for waiter in waiters:
+        assert isinstance(waiter.store, MemoryLock)
+        writes[waiter.identity] = waiter.store.requests.count("update")
+    assert writes == {waiter.identity: int(waiter in holders) for waiter in waiters}
+    # Within the default window of the release, not at a poll.
+    assert backend.history[-1].at - backend.history[-2].at < DEFAULT_WINDOW
+
+
+async def test_the_window_keeps_writes_near_two_per_turn_where_the_herd_writes_many(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def writes_per_turn(defer: bool) -> float:
+        backend = MemoryBackend()
+        stores: list[MemoryLock] = []
+
+        async def run(name: str) -> None:
+            elector = contender(backend, name, defer=defer)
+            assert isinstance(elector.store, MemoryLock)
+            elector.store.latency = 0.002  # each request takes 2 ms
+            stores.append(elector.store)
+            await elector.acquire()
+            await trio.sleep(0.5)
+            await elector.release()
+
+        async with trio.open_nursery() as nursery:
+            for index in range(30):
+                nursery.start_soon(run, f"c{index}")
+                await trio.sleep(0.01)  # arrivals 10 ms apart: one creates, the others wait
+        writes = sum(
+            store.requests.count("update") + store.requests.count("create") for store in stores
+        )
+        return writes / 30
+
+    herd = await writes_per_turn(defer=False)
+    deferred = await writes_per_turn(defer=True)
+    assert herd > 10
+    assert deferred < 3
+
+
+def test_the_published_window_settles_where_the_shortest_delay_is_near_the_target() -> None:
+    rng = random.Random(7)
+    for waiters in (1, 10, 100):
+        window = DEFAULT_WINDOW
+        shortest = []
+        for _ in range(300):
+            delay = min(window * rng.random() for _ in range(waiters))
+            shortest.append(delay)
+            window = next_window(window, delay)
+        settled = sorted(shortest[100:])[len(shortest[100:]) // 2]
+        assert HANDOFF_TARGET / 3 < settled < HANDOFF_TARGET * 3, (waiters, settled)

@@ -1,0 +1,68 @@
+"""The hand-off window: how long waiters spread their writes when the lock comes free.
+
+Without it, every waiter writes the moment it sees a release and all but one
+get a 409: with 30 contenders about 15 writes per hand-off reach the API
+server. With it, a waiter that sees the lock come free waits a random delay
+in ``[0, window)`` first; the one with the shortest delay writes, and the
+others see the new holder through their watch before their delay ends, so
+they write nothing. A waiter that sees the lock free at its very first look
+writes at once, so an uncontended lock costs nothing.
+
+The window must grow with the number of waiters (few collisions) yet keep the
+shortest delay short (a quick hand-off). Nobody knows how many wait, but the
+winner's own delay tells: it is the smallest of N draws, about
+``window / (N + 1)``. So the winner corrects the window towards one whose
+shortest delay is :data:`HANDOFF_TARGET` and publishes it in the annotation
+``kubelock.io/handoff-window`` of the same conditional write that releases
+the lock; every waiter reads the same window from that release.
+
+Contenders that do not know the scheme (client-go, the Go kubelock) keep the
+annotation as it is and exclude everyone as before: the scheme only decides
+*when* a waiter sends its ordinary conditional write, never whether it is safe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+HANDOFF_ANNOTATION = "kubelock.io/handoff-window"
+#: The winner's delay the window is tuned for (seconds): hand-off latency is about
+#: 1.8 times this, plus one write; collisions about one write's latency over 1.8 times it.
+HANDOFF_TARGET = 0.005
+#: The window before any winner has published one.
+DEFAULT_WINDOW = 0.02
+MIN_WINDOW = 0.001
+MAX_WINDOW = 2.0
+#: The most one hand-off may shrink or grow the window.
+MAX_STEP = 4.0
+
+
+def handoff_window(obj: Mapping[str, Any]) -> float:
+    """The window published on ``obj`` (a lock object as read), else :data:`DEFAULT_WINDOW`."""
+    metadata = obj.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    try:
+        window = float(annotations.get(HANDOFF_ANNOTATION) or DEFAULT_WINDOW)
+    except (TypeError, ValueError):
+        return DEFAULT_WINDOW
+    if not math.isfinite(window):
+        return DEFAULT_WINDOW
+    return min(max(window, MIN_WINDOW), MAX_WINDOW)
+
+
+def next_window(window: float, winning_delay: float) -> float:
+    """The window to publish after winning with ``winning_delay`` drawn from ``[0, window)``.
+
+    A step of half the log-ratio to the target: one draw is noisy (the minimum of
+    N uniform draws is roughly exponential), so the window settles over a few
+    hand-offs rather than jumping on each.
+    """
+    step = math.sqrt(HANDOFF_TARGET / max(winning_delay, MIN_WINDOW / 100))
+    step = min(max(step, 1 / MAX_STEP), MAX_STEP)
+    return min(max(window * step, MIN_WINDOW), MAX_WINDOW)
+
+
+def handoff_annotation(window: float) -> dict[str, str]:
+    return {HANDOFF_ANNOTATION: f"{window:.4f}"}
