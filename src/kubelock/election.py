@@ -202,6 +202,7 @@ class Elector:
         self._window = 0.0
         self._delay = 0.0
         self._write_at = -math.inf
+        self._lateness = 0.0
         self._publish_window: float | None = None
 
     # -- public state ---------------------------------------------------------
@@ -481,8 +482,14 @@ class Elector:
                     )
                 )
             return False
-        if self._defer_on_release and not first_look and not old.is_held and self._defer(current):
-            return False
+        if self._defer_on_release and not first_look and not old.is_held:
+            if self._defer(current):
+                return False
+            # Let the watch hand over anything already received: a winner's write
+            # seen now saves a 409.
+            await trio.lowlevel.checkpoint()
+            if self._changed.is_set():
+                return False
 
         record = self._record(self.identity, transitions=old.leader_transitions + 1)
         sent = trio.current_time()
@@ -497,7 +504,7 @@ class Elector:
             return False
         self._took(updated, sent)
         if self._deferred_for == current.resource_version:
-            self._publish_window = next_window(self._window, self._delay)
+            self._publish_window = next_window(self._window, self._delay, self._lateness)
         return True
 
     def _defer(self, current: Observed) -> bool:
@@ -514,6 +521,12 @@ class Elector:
             self._window = handoff_window(current.raw)
             self._delay = self._window * self._rng.random()
             self._write_at = trio.current_time() + self._delay
+            # How late this waiter heard of the release, by the releaser's clock:
+            # a sample of how long news takes to reach the waiters (see next_window).
+            self._lateness = 0.0
+            if current.record.renew_time is not None:
+                heard = (self._wall_clock() - current.record.renew_time).total_seconds()
+                self._lateness = min(max(heard, 0.0), 1.0)
         return trio.current_time() < self._write_at
 
     def _record(

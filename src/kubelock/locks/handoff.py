@@ -30,7 +30,9 @@ from typing import Any
 HANDOFF_ANNOTATION = "kubelock.io/handoff-window"
 #: The winner's delay the window is tuned for (seconds): hand-off latency is about
 #: 1.8 times this, plus one write; collisions about one write's latency over 1.8 times it.
-HANDOFF_TARGET = 0.005
+HANDOFF_TARGET = 0.01
+#: How much the target grows per second of lateness of the news of a release.
+LATENESS_FACTOR = 4.0
 #: The window before any winner has published one.
 DEFAULT_WINDOW = 0.02
 MIN_WINDOW = 0.001
@@ -52,14 +54,20 @@ def handoff_window(obj: Mapping[str, Any]) -> float:
     return min(max(window, MIN_WINDOW), MAX_WINDOW)
 
 
-def next_window(window: float, winning_delay: float) -> float:
+def next_window(window: float, winning_delay: float, lateness: float = 0.0) -> float:
     """The window to publish after winning with ``winning_delay`` drawn from ``[0, window)``.
+
+    ``lateness``: how long after the release (by the releaser's clock) the winner
+    heard of it. Waiters hear of every write that late, give or take, so a
+    winner's write only silences the others if the next shortest delay is longer
+    than that: the target grows with it (:data:`LATENESS_FACTOR`).
 
     A step of half the log-ratio to the target: one draw is noisy (the minimum of
     N uniform draws is roughly exponential), so the window settles over a few
     hand-offs rather than jumping on each.
     """
-    step = math.sqrt(HANDOFF_TARGET / max(winning_delay, MIN_WINDOW / 100))
+    target = HANDOFF_TARGET + LATENESS_FACTOR * lateness
+    step = math.sqrt(target / max(winning_delay, MIN_WINDOW / 100))
     step = min(max(step, 1 / MAX_STEP), MAX_STEP)
     return min(max(window * step, MIN_WINDOW), MAX_WINDOW)
 
