@@ -33,6 +33,35 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .locks.once import DoneKey
 
+__all__ = [
+    "EXIT_CANNOT_EXECUTE",
+    "EXIT_ERROR",
+    "EXIT_LEASE_LOST",
+    "EXIT_NOT_FOUND",
+    "EXIT_SIGTERM",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "AlreadyDone",
+    "AlreadyExists",
+    "ApiError",
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "Forbidden",
+    "Gone",
+    "KubelockError",
+    "LeaseLost",
+    "NotFound",
+    "ServerError",
+    "StatusError",
+    "TooManyRequests",
+    "Unauthorized",
+    "Unreachable",
+    "UsageError",
+    "WaitTimedOut",
+    "one_line",
+]
+
 # The codes kubelock chooses itself. Otherwise the command's status is passed
 # through, and a signal N that stops kubelock (or kills the command) is 128+N.
 EXIT_USAGE = 2
@@ -153,3 +182,8 @@ class AlreadyDone(Exception):
     def __init__(self, message: str, done: DoneKey) -> None:
         super().__init__(message)
         self.done = done
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space: a message's form."""
+    return " ".join(text.split())

@@ -22,22 +22,17 @@ from .locks.record import format_micro_time, utc_now
 from .settings import OutputFormat, Settings
 
 
-def run(settings: Settings, out: TextIO = sys.stdout) -> int:
-    """Read the lock of ``settings`` once and print it; return the exit status (0)."""
-    return trio.run(_show, settings, out)
+def run(settings: Settings, out: TextIO | None = None) -> int:
+    """Read the lock of ``settings`` once and print it (on stdout); return the exit status."""
+    return trio.run(_show, settings, out or sys.stdout)
 
 
 async def _show(settings: Settings, out: TextIO) -> int:
-    from .kube.api import ApiClient
-    from .kube.auth import load_config
-    from .locks import make_lock
-    from .settings import validate_namespace
+    from .kube.auth import load_cluster
+    from .locks import open_lock
 
-    config = load_config(settings.kubeconfig, settings.context)
-    namespace = settings.namespace or config.namespace
-    validate_namespace(namespace)
-    async with ApiClient(config) as api:
-        store = make_lock(settings.lock_type, api, settings.name, namespace)
+    config, namespace = load_cluster(settings.kubeconfig, settings.context, settings.namespace)
+    async with open_lock(config, settings.lock_type, settings.name, namespace) as store:
         observed = await store.get()
         view = describe(store.kind, namespace, settings.name, observed, utc_now())
     format: OutputFormat = settings.status or "text"

@@ -34,7 +34,12 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
-    from .metrics import Metrics
+
+__all__ = [
+    "STOP_WAITING_SIGNALS",
+    "run",
+    "supervise",
+]
 
 logger = logging.getLogger("kubelock")
 
@@ -44,6 +49,9 @@ STOP_WAITING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, 
 
 def run(settings: Settings) -> int:
     """Run one kubelock invocation; return the exit status."""
+    from .kube.api import import_httpcore_lean
+
+    import_httpcore_lean()  # before trio starts threads
     return trio.run(supervise, settings)
 
 
@@ -58,13 +66,7 @@ async def supervise(settings: Settings) -> int:
     if settings.metrics_address is not None or settings.pushgateway is not None:
         from .metrics import Metrics
 
-        metrics = Metrics(
-            settings.name,
-            namespace,
-            settings.identity,
-            settings.lock_type,
-            renew_deadline=settings.timing.renew_deadline,
-        )
+        metrics = Metrics(settings.name, namespace, settings.identity, settings.lock_type)
         observers.append(metrics.observe)
 
     def observe(event: Event) -> None:
@@ -79,19 +81,30 @@ async def supervise(settings: Settings) -> int:
                 if metrics is not None:
                     metrics.started()
                     if settings.metrics_address is not None:
+                        from .endpoint import serve
+                        from .health import Health
+
+                        health = Health(settings.timing.renew_deadline)
+                        observers.append(health.observe)
                         host, port = settings.metrics_address
-                        bound_host, bound_port = await services.start(metrics.serve, host, port)
+                        bound_host, bound_port = await services.start(
+                            serve, metrics.registry, health, host, port
+                        )
                         logger.info(
                             "serving /metrics and /healthz on %s:%d", bound_host, bound_port
                         )
                     if settings.pushgateway is not None:
-                        services.start_soon(metrics.push_periodically, settings.pushgateway)
-                status = await _wait_and_run(settings, config, namespace, observe, metrics, signals)
+                        from .push import push_periodically
+
+                        services.start_soon(push_periodically, metrics, settings.pushgateway)
+                status = await _wait_and_run(settings, config, namespace, observe, signals)
             except KubelockError as error:
                 failure = error  # re-raised outside the nursery, as itself
             services.cancel_scope.cancel()
     if metrics is not None and settings.pushgateway is not None:
-        await metrics.push(settings.pushgateway)
+        from .push import push
+
+        await push(metrics, settings.pushgateway)
     if failure is not None:
         raise failure
     return status
@@ -102,7 +115,6 @@ async def _wait_and_run(
     config: ClusterConfig,
     namespace: str,
     observe: Observer,
-    metrics: Metrics | None,
     signals: AsyncIterator[int],
 ) -> int:
     from .locks import open_lock
@@ -124,7 +136,7 @@ async def _wait_and_run(
                 "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
             )
             return 128 + stopped_by
-        return await _hold_and_run(settings, namespace, elector, metrics)
+        return await _hold_and_run(settings, namespace, elector, observe)
 
 
 async def _acquire_unless_stopped(
@@ -158,7 +170,7 @@ async def _acquire_unless_stopped(
 
 
 async def _hold_and_run(
-    settings: Settings, namespace: str, elector: Elector, metrics: Metrics | None
+    settings: Settings, namespace: str, elector: Elector, observe: Observer
 ) -> int:
     assert elector.fencing_token is not None
     env = dict(os.environ)
@@ -175,8 +187,8 @@ async def _hold_and_run(
                 env,
                 grace_period=settings.grace_period,
                 hard_deadline=lambda: held.safety_deadline,
+                observer=observe,  # ChildExited: logged, and recorded in the metrics
             )
-            logger.info("the command exited with status %d", status)
             if status == 0:
                 elector.work_succeeded()  # --once: the release records KEY as done
     except LeaseLost:
@@ -186,6 +198,4 @@ async def _hold_and_run(
             EXIT_LEASE_LOST,
         )
         status = EXIT_LEASE_LOST
-    if metrics is not None:
-        metrics.child_exited(status)
     return status

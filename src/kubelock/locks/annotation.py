@@ -17,11 +17,17 @@ from typing import Any
 from .lease import ApiLock
 from .record import LEADER_ANNOTATION, LeaderElectionRecord
 
+__all__ = [
+    "AnnotationLock",
+    "ConfigMapLock",
+    "EndpointsLock",
+]
+
 
 class AnnotationLock(ApiLock):
     """The record in the leader annotation of a core/v1 object."""
 
-    api_version = "v1"
+    group = ""  # core v1
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
         metadata = obj.get("metadata") or {}
