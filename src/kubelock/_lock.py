@@ -130,6 +130,10 @@ class Lock:
                 elector.work_succeeded()  # only reached when the body completed
 
 
+class _BodyFailed(Exception):
+    """The blocking body of :func:`hold` raised: leave the ``once`` KEY unrecorded."""
+
+
 @contextlib.contextmanager
 def hold(
     name: str = "example-app",
@@ -171,6 +175,10 @@ def hold(
                 state["held"] = held
                 acquired.set()
                 await release.wait()
+                if state.get("body_failed"):
+                    raise _BodyFailed  # so that a ``once`` KEY is not recorded
+        except _BodyFailed:
+            pass
         except LeaseLost as error:
             state["lost"] = str(error)
             if not body_done.is_set():
@@ -198,6 +206,9 @@ def hold(
             raise state["error"]
         try:
             yield state["held"]
+        except BaseException:
+            state["body_failed"] = True
+            raise
         finally:
             body_done.set()
             if "lost" not in state:
