@@ -8,11 +8,11 @@ others see the new holder through their watch before their delay ends, so
 they write nothing. A waiter that sees the lock free at its very first look
 writes at once, so an uncontended lock costs nothing.
 
-The window must grow with the number of waiters (few collisions) yet keep the
-shortest delay short (a quick hand-off). Nobody knows how many wait, but the
+The window must grow with the number of waiters (few collisions) and vanish
+when one waits alone (a quick hand-off). Nobody knows how many wait, but the
 winner's own delay tells: it is the smallest of N draws, about
-``window / (N + 1)``. So the winner corrects the window towards one whose
-shortest delay is :data:`HANDOFF_TARGET` and publishes it in the annotation
+``window / (N + 1)``. So the winner corrects the window towards one sized for
+that many (:func:`next_window`) and publishes it in the annotation
 ``kubelock.io/handoff-window`` of the same conditional write that releases
 the lock; every waiter reads the same window from that release.
 
@@ -28,11 +28,10 @@ from collections.abc import Mapping
 from typing import Any
 
 HANDOFF_ANNOTATION = "kubelock.io/handoff-window"
-#: The winner's delay the window is tuned for (seconds): hand-off latency is about
-#: 1.8 times this, plus one write; collisions about one write's latency over 1.8 times it.
-HANDOFF_TARGET = 0.01
-#: How much the target grows per second of lateness of the news of a release.
-LATENESS_FACTOR = 4.0
+#: How wide the window is per other waiter, in units of how late news reaches them.
+SPREAD_FACTOR = 4.0
+#: The least lateness assumed: one write's round trip on a quiet API server (seconds).
+MIN_LATENESS = 0.003
 #: The window before any winner has published one.
 DEFAULT_WINDOW = 0.02
 MIN_WINDOW = 0.001
@@ -57,17 +56,22 @@ def handoff_window(obj: Mapping[str, Any]) -> float:
 def next_window(window: float, winning_delay: float, lateness: float = 0.0) -> float:
     """The window to publish after winning with ``winning_delay`` drawn from ``[0, window)``.
 
-    ``lateness``: how long after the release (by the releaser's clock) the winner
-    heard of it. Waiters hear of every write that late, give or take, so a
-    winner's write only silences the others if the next shortest delay is longer
-    than that: the target grows with it (:data:`LATENESS_FACTOR`).
+    The winner's delay is the smallest of N draws, so ``window / delay`` estimates
+    how many waited. With nobody else waiting the window shrinks towards
+    :data:`MIN_WINDOW` (a lone waiter should not wait); with others, it grows to
+    :data:`SPREAD_FACTOR` times their number times how late news of a write
+    reaches them (``lateness``: how long after the release, by the releaser's
+    clock, the winner heard of it; at least :data:`MIN_LATENESS`), so that the
+    next shortest delay usually ends after they have seen the winner's write.
 
-    A step of half the log-ratio to the target: one draw is noisy (the minimum of
-    N uniform draws is roughly exponential), so the window settles over a few
-    hand-offs rather than jumping on each.
+    A step of half the log-ratio to that target: one draw is noisy (the minimum
+    of N uniform draws is roughly exponential), so the window settles over a
+    few hand-offs rather than jumping on each.
     """
-    target = HANDOFF_TARGET + LATENESS_FACTOR * lateness
-    step = math.sqrt(target / max(winning_delay, MIN_WINDOW / 100))
+    waited = window / max(winning_delay, MIN_WINDOW / 100)
+    others = max(waited - 2.0, 0.0)
+    target = SPREAD_FACTOR * max(lateness, MIN_LATENESS) * others + MIN_WINDOW
+    step = math.sqrt(target / window)
     step = min(max(step, 1 / MAX_STEP), MAX_STEP)
     return min(max(window * step, MIN_WINDOW), MAX_WINDOW)
 
