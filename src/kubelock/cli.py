@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from ._version import __version__
 from .errors import KubelockError, UsageError
 from .settings import (
     DEFAULT_GRACE_PERIOD,
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "ENV_PREFIX",
     "OPTIONS",
+    "VERSION_TEXT",
     "Options",
     "env_var",
     "main",
@@ -63,6 +65,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "KUBELOCK_"
+#: What ``kubelock --version`` prints.
+VERSION_TEXT = f"kubelock {__version__}"
 _T = TypeVar("_T")
 
 #: Every option: its long name, whether it takes a value, its other spellings.
@@ -239,6 +243,9 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     printed to stdout. Raises :class:`UsageError` for anything wrong.
     """
     option_words, command = split_argv(argv)
+    if option_words == ["--version"]:  # the one printout that needs no cyclopts
+        print(VERSION_TEXT)
+        return None
     given = _read_options(option_words)
     if given is None:
         from .usage import read_options  # cyclopts: --help, --version, unusual argv
