@@ -18,7 +18,7 @@ from kubelock.locks.once import DONE_ANNOTATION
 from kubelock.locks.record import format_micro_time
 from kubelock.testing import IdentityFactory
 
-from .kubelock_proc import hold_command, lease, read_intervals, run, spawn
+from .kubelock_proc import hold_command, lease, read_intervals, run, spawn, wait_for
 
 QUICK = ["--lease-duration", "6s", "--renew-deadline", "4s", "--retry-period", "1s"]
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
@@ -160,9 +160,7 @@ def test_a_waiter_learns_from_its_watch_that_the_key_is_done(
         ],
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 30
-    while not runs.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(runs.exists, what="the holder's command to start")
     waiter = spawn(
         [
             *options(kubeconfig, namespace, "migrate", "--id", "waiter", *slow),
@@ -330,9 +328,7 @@ def test_a_client_go_contender_excludes_and_is_excluded_and_keeps_the_done_keys(
         ],
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 30
-    while lease(admin, namespace, "shared") is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: lease(admin, namespace, "shared"), what="the first holder")
     go = ClientGoContender(admin, namespace, "shared", log)
     go_thread = threading.Thread(target=go.hold_once, args=(2,))
     go_thread.start()
@@ -388,12 +384,12 @@ def test_status_shows_a_held_lock_with_its_done_keys(
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def held() -> bool:
             record = lease(admin, namespace, "app")
-            if record and record["spec"].get("holderIdentity") == "holder-pod":
-                break
-            time.sleep(0.05)
+            return bool(record and record["spec"].get("holderIdentity") == "holder-pod")
+
+        wait_for(held, what="holder-pod to hold the lock")
         text = run([*options(kubeconfig, namespace, "app"), "--status"])
         as_json = run([*options(kubeconfig, namespace, "app"), "--status", "-o", "json"])
     finally:
