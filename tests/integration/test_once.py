@@ -431,3 +431,25 @@ def test_status_needs_only_get(
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["holder"] == "somebody"
+
+
+def test_once_on_a_configmap_lock_keeps_the_leader_annotation_beside_the_keys(
+    kubeconfig: Path, namespace: str, tmp_path: Path, admin: httpx.Client
+) -> None:
+    runs = tmp_path / "runs"
+    argv = [
+        *options(kubeconfig, namespace, "cm", "--lock-type", "configmaps"),
+        "--once",
+        "v1",
+        *counting_command(runs, 0),
+    ]
+    for _ in range(2):
+        result = run(argv)
+        assert result.returncode == 0, result.stderr
+    assert len(runs.read_text().split()) == 1
+    response = admin.get(f"/api/v1/namespaces/{namespace}/configmaps/cm")
+    response.raise_for_status()
+    annotations = response.json()["metadata"]["annotations"]
+    assert json.loads(annotations[DONE_ANNOTATION])[0]["key"] == "v1"
+    leader = json.loads(annotations["control-plane.alpha.kubernetes.io/leader"])
+    assert leader["holderIdentity"] == ""

@@ -37,7 +37,7 @@ DEFAULT_WINDOW = 0.02
 MIN_WINDOW = 0.001
 MAX_WINDOW = 2.0
 #: The most one hand-off may shrink or grow the window.
-MAX_STEP = 4.0
+MAX_STEP = 2.0
 
 
 def handoff_window(obj: Mapping[str, Any]) -> float:
