@@ -20,7 +20,13 @@ Safety model, said first (as client-go's package comment does):
 
 Waiting is event-driven: a watch on the single lock object wakes a waiter as
 soon as the holder releases. Polling every retry-period (with jitter) is the
-fallback whenever the watch is down or not allowed.
+fallback whenever the watch is down or not allowed. On a release, a waiter
+first waits a random delay in the published hand-off window
+(:mod:`kubelock.locks.handoff`), so that one waiter writes rather than all.
+
+With ``once``, the release after successful work also records the KEY on the
+lock object (:mod:`kubelock.locks.once`) in the same conditional write, and a
+contender that sees its KEY done stops with ``AlreadyDone`` instead of writing.
 
 Time is trio's clock, so ``trio.testing.MockClock`` makes every timing rule
 exactly testable. The only I/O is through the :class:`~kubelock.locks.base.LockStore`.
