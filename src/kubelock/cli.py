@@ -59,6 +59,8 @@ __all__ = [
     "VERSION_TEXT",
     "Options",
     "env_var",
+    "kubectl_argv",
+    "kubectl_main",
     "main",
     "parse_args",
     "split_argv",
@@ -334,6 +336,61 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if argv is None:
         _exit_now(status)
     sys.exit(status)
+
+
+#: ``kubectl lock status NAME``'s options → kubelock's (the rest are spelled alike).
+_KUBECTL_SPELLINGS = {"-n": "--namespace"}
+_KUBECTL_USAGE = (
+    "usage: kubectl lock status NAME [-n NAMESPACE] [-o text|json] [--lock-type TYPE] "
+    "[--kubeconfig PATH] [--context NAME]"
+)
+
+
+def kubectl_argv(argv: Sequence[str]) -> list[str]:
+    """``kubectl lock status NAME [OPTIONS]`` (a kubectl plugin) → ``kubelock --status`` argv.
+
+    Raises :class:`UsageError` for anything but ``status`` with one NAME.
+    """
+    if not argv or argv[0] != "status":
+        what = (
+            f"unknown subcommand {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
+        )
+        raise UsageError(what + _KUBECTL_USAGE)
+    name: str | None = None
+    options: list[str] = []
+    words = iter(argv[1:])
+    for word in words:
+        spelled, has_value, value = word.partition("=")
+        spelled = _KUBECTL_SPELLINGS.get(spelled, spelled)
+        spelled = _CANONICAL.get(spelled, spelled)
+        if not spelled.startswith("-"):
+            if name is not None:
+                raise UsageError(f"kubectl lock status takes one NAME (got {name!r} and {word!r})")
+            name = word
+        elif has_value:
+            options.append(f"{spelled}={value}")
+        elif spelled in _TAKES_VALUE:
+            following = next(words, None)
+            if following is None:
+                raise UsageError(f"{spelled} needs a value; {_KUBECTL_USAGE}")
+            options.append(f"{spelled}={following}")
+        else:
+            options.append(spelled)
+    if name is None:
+        raise UsageError(f"missing the lock's NAME; {_KUBECTL_USAGE}")
+    return ["--status", "--name", name, *options]
+
+
+def kubectl_main() -> NoReturn:
+    """The ``kubectl-lock`` console script: ``kubectl lock status NAME`` (read-only)."""
+    from .log import report_error
+
+    try:
+        argv = kubectl_argv(sys.argv[1:])
+    except UsageError as error:
+        report_error(str(error))
+        _exit_now(error.exit_code)
+    _exit_now(_run(argv))
 
 
 def _run(argv: Sequence[str]) -> int:

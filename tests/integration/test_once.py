@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -12,13 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from kubelock.errors import EXIT_TIMEOUT
 from kubelock.locks.once import DONE_ANNOTATION
 from kubelock.locks.record import format_micro_time
-from kubelock.testing import IdentityFactory
+from kubelock.testing import ControlPlane, IdentityFactory
 
-from .kubelock_proc import hold_command, lease, read_intervals, run, spawn, wait_for
+from .kubelock_proc import (
+    clean_environment,
+    hold_command,
+    lease,
+    read_intervals,
+    run,
+    spawn,
+    wait_for,
+)
 
 QUICK = ["--lease-duration", "6s", "--renew-deadline", "4s", "--retry-period", "1s"]
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
@@ -453,3 +464,28 @@ def test_once_on_a_configmap_lock_keeps_the_leader_annotation_beside_the_keys(
     assert json.loads(annotations[DONE_ANNOTATION])[0]["key"] == "v1"
     leader = json.loads(annotations["control-plane.alpha.kubernetes.io/leader"])
     assert leader["holderIdentity"] == ""
+
+
+def test_kubectl_lock_status_runs_as_a_kubectl_plugin(
+    control_plane: ControlPlane, kubeconfig: Path, namespace: str, admin: httpx.Client
+) -> None:
+    """The real kubectl finds `kubectl-lock` on PATH and hands it `status NAME -o json`."""
+    kubectl = control_plane.bin_dir / "kubectl"
+    if not kubectl.is_file():
+        pytest.skip(f"no kubectl in {control_plane.bin_dir}")
+    write_held_lease(admin, namespace, "app", "somebody")
+    plugin_dir = Path(sys.executable).parent  # where the kubectl-lock console script is
+    assert (plugin_dir / "kubectl-lock").is_file()
+    result = subprocess.run(
+        [str(kubectl), "lock", "status", "app", "-n", namespace, "-o", "json"],
+        env=clean_environment(
+            {"KUBECONFIG": str(kubeconfig), "PATH": f"{plugin_dir}:{os.environ['PATH']}"}
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert (view["namespace"], view["name"], view["holder"]) == (namespace, "app", "somebody")

@@ -17,7 +17,7 @@ import pytest
 
 import kubelock
 from kubelock import cli
-from kubelock.cli import parse_args, split_argv
+from kubelock.cli import kubectl_argv, parse_args, split_argv
 from kubelock.errors import ConfigError, UsageError
 from kubelock.settings import ElectionTiming, Settings
 
@@ -459,3 +459,32 @@ def test_the_usual_invocation_does_not_import_cyclopts(argv: list[str]) -> None:
     )
     loaded = output_of(check)
     assert loaded.splitlines()[-1] == "[]"
+
+
+# --- kubectl lock status NAME --------------------------------------------------------
+
+
+def test_kubectl_lock_status_is_kubelock_status() -> None:
+    argv = kubectl_argv(["status", "migrations", "-n", "shop", "-o", "json", "--context=prod"])
+    assert argv == [
+        "--status", "--name", "migrations", "--namespace=shop", "--output=json", "--context=prod",
+    ]  # fmt: skip
+    settings = parse_args(argv)
+    assert settings is not None
+    assert (settings.name, settings.namespace, settings.status) == ("migrations", "shop", "json")
+    assert settings.context == "prod"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "usage: kubectl lock status NAME"),
+        (["take", "x"], "unknown subcommand 'take'"),
+        (["status"], "missing the lock's NAME"),
+        (["status", "a", "b"], "takes one NAME (got 'a' and 'b')"),
+        (["status", "a", "-n"], "--namespace needs a value"),
+    ],
+)
+def test_kubectl_lock_mistakes(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        kubectl_argv(argv)
