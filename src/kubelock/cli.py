@@ -394,21 +394,25 @@ def kubectl_main() -> NoReturn:
 
 
 def _run(argv: Sequence[str]) -> int:
-    from .log import report_error, setup_logging
-
+    # The log module and the supervisor are imported late: --help, --version and
+    # usage errors stay light.
     try:
         settings = parse_args(argv)
         if settings is None:
             return 0  # --help or --version, printed
+        from .log import setup_logging
+
         setup_logging(settings.log_format, settings.verbose)
         if settings.status is not None:
             from . import status
 
             return status.run(settings)
-        from . import supervisor  # imported late: parsing and --help stay light
+        from . import supervisor
 
         return supervisor.run(settings)
     except KubelockError as error:
+        from .log import report_error
+
         report_error(str(error))
         return error.exit_code
 
