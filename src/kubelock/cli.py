@@ -321,7 +321,11 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
             else checked("--pushgateway", validate_pushgateway, pushgateway)
         ),
         timeout=None if timeout is None else duration("--timeout", timeout),
-        once=None if given.once is None else checked("--once", validate_once_key, given.once),
+        once=(
+            None
+            if given.once is None
+            else checked("--once", lambda key: validate_once_key(key, spell=flag), given.once)
+        ),
         status=output if given.status else None,
     )
 

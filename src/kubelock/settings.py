@@ -231,8 +231,11 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
 MAX_ONCE_KEY_LENGTH = 128
 
 
-def validate_once_key(key: str) -> str:
-    """A ``--once`` KEY: 1 to 128 printable characters without spaces (a version, a hash)."""
+def validate_once_key(key: str, *, spell: Callable[[str], str] = str) -> str:
+    """A ``once`` KEY: 1 to 128 printable characters without spaces (a version, a hash).
+
+    ``spell`` names the setting in messages, as for :func:`validate_timing`.
+    """
     if (
         not key
         or len(key) > MAX_ONCE_KEY_LENGTH
@@ -240,8 +243,8 @@ def validate_once_key(key: str) -> str:
         or any(character.isspace() for character in key)
     ):
         raise UsageError(
-            f"invalid --once KEY {key!r}: use 1 to {MAX_ONCE_KEY_LENGTH} printable characters "
-            "without spaces, such as the app's version or a hash of its migrations"
+            f"invalid {spell('once')} KEY {key!r}: use 1 to {MAX_ONCE_KEY_LENGTH} printable "
+            "characters without spaces, such as the app's version or a hash of its migrations"
         )
     return key
 
@@ -257,10 +260,11 @@ def validate_output(output: str) -> OutputFormat:
     raise UsageError(f"invalid output format {output!r}: use one of {', '.join(OUTPUT_FORMATS)}")
 
 
-def validate_timeout(timeout: float) -> float:
+def validate_timeout(timeout: float, *, spell: Callable[[str], str] = str) -> float:
+    """How long to wait for the lock: not negative (0 tries once)."""
     if timeout < 0:
         raise UsageError(
-            f"--timeout must not be negative (got {format_duration(timeout)}); "
+            f"{spell('timeout')} must not be negative (got {format_duration(timeout)}); "
             "0 tries once without waiting"
         )
     return timeout
@@ -311,9 +315,9 @@ class Settings:
         validate_lock_type(self.lock_type)
         validate_log_format(self.log_format)
         if self.timeout is not None:
-            validate_timeout(self.timeout)
+            validate_timeout(self.timeout, spell=flag)
         if self.once is not None:
-            validate_once_key(self.once)
+            validate_once_key(self.once, spell=flag)
         if self.grace_period < 0:
             raise UsageError(
                 f"--grace-period must not be negative (got {format_duration(self.grace_period)})"

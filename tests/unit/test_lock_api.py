@@ -162,3 +162,10 @@ async def test_timeout_raises_wait_timed_out(autojump_clock: trio.testing.MockCl
             ):
                 pytest.fail("must not be entered")
         assert trio.current_time() == pytest.approx(3)
+
+
+def test_lock_names_its_keywords_in_mistakes() -> None:
+    with pytest.raises(kubelock.UsageError, match=r"^timeout must not be negative"):
+        kubelock.Lock("lock", timeout=-1)
+    with pytest.raises(kubelock.UsageError, match=r"^invalid once KEY 'a b'"):
+        kubelock.Lock("lock", once="a b")
