@@ -52,6 +52,8 @@ minikube:
 # hand-off latency, a waiting contender's request rate, start-up cost
 bench:
     uv run python -m benchmarks.handoff
+    uv run python -m benchmarks.herd
+    uv run python -m benchmarks.once
     uv run python -m benchmarks.startup
 
 # what the suite needs besides Python packages and the Go-built control plane

@@ -57,9 +57,18 @@ async def handoffs(kubeconfig: str, count: int) -> list[float]:
 
 
 def lease_requests(plane: ControlPlane) -> dict[str, float]:
+    """Lease requests the API server has served so far, by verb."""
+    counts: dict[str, float] = {}
+    for (verb, _), value in lease_requests_by_code(plane).items():
+        counts[verb] = counts.get(verb, 0.0) + value
+    return counts
+
+
+def lease_requests_by_code(plane: ControlPlane) -> dict[tuple[str, str], float]:
+    """Lease requests the API server has served so far, by (verb, HTTP code)."""
     with plane.admin_client() as client:
         text = client.get("/metrics").text
-    counts: dict[str, float] = {}
+    counts: dict[tuple[str, str], float] = {}
     pattern = re.compile(r"^apiserver_request_total\{([^}]*)\} (\S+)$")
     for line in text.splitlines():
         match = pattern.match(line)
@@ -67,8 +76,8 @@ def lease_requests(plane: ControlPlane) -> dict[str, float]:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
         if labels.get("resource") == "leases" and labels.get("group") == "coordination.k8s.io":
-            verb = labels.get("verb", "")
-            counts[verb] = counts.get(verb, 0.0) + float(match.group(2))
+            key = (labels.get("verb", ""), labels.get("code", ""))
+            counts[key] = counts.get(key, 0.0) + float(match.group(2))
     return counts
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .errors import (
+    AlreadyDone,
     ApiError,
     ConfigError,
     Conflict,
@@ -21,6 +22,7 @@ from .errors import (
     LeaseLost,
     Unreachable,
     UsageError,
+    WaitTimedOut,
 )
 from .settings import ElectionTiming
 
@@ -41,6 +43,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AlreadyDone",
     "ApiError",
     "ConfigError",
     "Conflict",
@@ -52,6 +55,7 @@ __all__ = [
     "Lock",
     "Unreachable",
     "UsageError",
+    "WaitTimedOut",
     "__version__",
     "hold",
 ]

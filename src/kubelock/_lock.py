@@ -27,6 +27,8 @@ from .settings import (
     validate_lock_type,
     validate_name,
     validate_namespace,
+    validate_once_key,
+    validate_timeout,
 )
 
 __all__ = ["Held", "Lock", "hold"]
@@ -44,6 +46,13 @@ class Lock:
     Configuration is found as kubectl finds it (``kubeconfig`` path, else
     ``$KUBECONFIG``, else in-cluster, else ``~/.kube/config``); ``store``
     replaces all of that with a ready :class:`~kubelock.locks.base.LockStore`.
+
+    ``timeout``: give up waiting after that many seconds with
+    :class:`~kubelock.errors.WaitTimedOut` (``0``: try once). ``once``: a KEY
+    (a version, a migrations hash); when a body with that KEY has completed
+    without an exception, the release records it on the lock, and from then
+    on entering raises :class:`~kubelock.errors.AlreadyDone` at once, instead
+    of waiting, for every contender with that KEY.
     """
 
     def __init__(
@@ -60,6 +69,8 @@ class Lock:
         context: str | None = None,
         observer: Observer | None = None,
         store: LockStore | None = None,
+        timeout: float | None = None,
+        once: str | None = None,
     ) -> None:
         validate_name(name)
         if namespace is not None:
@@ -73,6 +84,8 @@ class Lock:
         self.context = context
         self.observer = observer
         self._store = store
+        self.timeout = None if timeout is None else validate_timeout(timeout)
+        self.once = None if once is None else validate_once_key(once)
         self._active: contextlib.AbstractAsyncContextManager[Held] | None = None
 
     async def __aenter__(self) -> Held:
@@ -108,10 +121,17 @@ class Lock:
     @contextlib.asynccontextmanager
     async def _hold(self) -> AsyncIterator[Held]:
         async with self._open_store() as store:
-            elector = Elector(store, self.identity, self.timing, observer=self.observer)
-            await elector.acquire()
+            elector = Elector(
+                store, self.identity, self.timing, observer=self.observer, once=self.once
+            )
+            await elector.acquire(timeout=self.timeout)
             async with elector.holding() as held:
                 yield held
+                elector.work_succeeded()  # only reached when the body completed
+
+
+class _BodyFailed(Exception):
+    """The blocking body of :func:`hold` raised: leave the ``once`` KEY unrecorded."""
 
 
 @contextlib.contextmanager
@@ -155,6 +175,10 @@ def hold(
                 state["held"] = held
                 acquired.set()
                 await release.wait()
+                if state.get("body_failed"):
+                    raise _BodyFailed  # so that a ``once`` KEY is not recorded
+        except _BodyFailed:
+            pass
         except LeaseLost as error:
             state["lost"] = str(error)
             if not body_done.is_set():
@@ -182,6 +206,9 @@ def hold(
             raise state["error"]
         try:
             yield state["held"]
+        except BaseException:
+            state["body_failed"] = True
+            raise
         finally:
             body_done.set()
             if "lost" not in state:

@@ -46,6 +46,8 @@ from .settings import (
     parse_metrics_address,
     validate_lock_type,
     validate_log_format,
+    validate_once_key,
+    validate_output,
     validate_pushgateway,
     validate_timing,
 )
@@ -57,6 +59,8 @@ __all__ = [
     "VERSION_TEXT",
     "Options",
     "env_var",
+    "kubectl_argv",
+    "kubectl_main",
     "main",
     "parse_args",
     "split_argv",
@@ -85,6 +89,10 @@ OPTIONS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("--verbose", False, ("-v",)),
     ("--metrics-address", True, ()),
     ("--pushgateway", True, ()),
+    ("--timeout", True, ()),
+    ("--once", True, ()),
+    ("--status", False, ()),
+    ("--output", True, ("-o",)),
     ("--help", False, ("-h",)),
     ("--version", False, ()),
 )
@@ -92,6 +100,8 @@ _CANONICAL = {spelling: long for long, _, others in OPTIONS for spelling in (lon
 _TAKES_VALUE = {long for long, takes_value, _ in OPTIONS if takes_value}
 #: What cyclopts prints: left to kubelock.usage.
 _PRINTED = frozenset({"--help", "--version"})
+#: The options that take no value (as Options' field names).
+_FLAGS = ("verbose", "status")
 
 
 def env_var(name: str) -> str:
@@ -117,6 +127,10 @@ class Options:
     verbose: bool
     metrics_address: str | None
     pushgateway: str | None
+    timeout: str | None
+    once: str | None
+    status: bool
+    output: str
 
 
 #: The value of each option nobody set (on the command line or in the environment).
@@ -135,6 +149,10 @@ DEFAULT_OPTIONS = Options(
     verbose=False,
     metrics_address=None,
     pushgateway=None,
+    timeout=None,
+    once=None,
+    status=False,
+    output="text",
 )
 
 
@@ -189,26 +207,26 @@ def _read_options(option_words: list[str]) -> Options | None:
     cyclopts reads them.
     """
     given: dict[str, str | None] = {}
-    verbose = False
+    flags = dict.fromkeys(_FLAGS, False)
     for word in option_words:
         long, has_value, value = word.partition("=")
         key = long[2:].replace("-", "_")
-        if long in _PRINTED or key in given or (long == "--verbose" and verbose):
+        if long in _PRINTED or key in given or flags.get(key):
             return None
-        if long == "--verbose":
+        if key in flags:
             if has_value:
                 return None
-            verbose = True
+            flags[key] = True
             continue
         if not value:
             return None
         given[key] = value
-    if os.environ.get(env_var("verbose")) is not None:
+    if any(os.environ.get(env_var(key)) is not None for key in flags):
         return None
-    values: dict[str, Any] = {"verbose": verbose}
+    values: dict[str, Any] = dict(flags)
     for field in dataclasses.fields(Options):
         key = field.name
-        if key == "verbose":
+        if key in flags:
             continue
         if key in given:
             values[key] = given[key]
@@ -237,7 +255,10 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
         given = read_options(option_words)
     if given is None:
         return None  # --help or --version, already printed
-    if not command:
+    if given.status:
+        if command:
+            raise UsageError(f"--status takes no command (got {command[0]!r}); see kubelock --help")
+    elif not command:
         raise UsageError(
             "missing the command to run: kubelock [OPTIONS] COMMAND [ARGS...]; see kubelock --help"
         )
@@ -271,8 +292,12 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
         validate_timing(lease_duration, renew_deadline, retry_period, spell=flag)
         return ElectionTiming(lease_duration, renew_deadline, retry_period)
 
+    output = checked("--output", validate_output, given.output)
+    if output != "text" and not given.status:
+        raise UsageError("--output only applies to --status; see kubelock --help")
     metrics = given.metrics_address or None
     pushgateway = given.pushgateway or None
+    timeout = given.timeout or None
     return Settings(
         command=tuple(command),
         identity=given.id if given.id is not None else default_identity(),
@@ -295,6 +320,13 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
             if pushgateway is None
             else checked("--pushgateway", validate_pushgateway, pushgateway)
         ),
+        timeout=None if timeout is None else duration("--timeout", timeout),
+        once=(
+            None
+            if given.once is None
+            else checked("--once", lambda key: validate_once_key(key, spell=flag), given.once)
+        ),
+        status=output if given.status else None,
     )
 
 
@@ -310,6 +342,61 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(status)
 
 
+#: ``kubectl lock status NAME``'s options → kubelock's (the rest are spelled alike).
+_KUBECTL_SPELLINGS = {"-n": "--namespace"}
+_KUBECTL_USAGE = (
+    "usage: kubectl lock status NAME [-n NAMESPACE] [-o text|json] [--lock-type TYPE] "
+    "[--kubeconfig PATH] [--context NAME]"
+)
+
+
+def kubectl_argv(argv: Sequence[str]) -> list[str]:
+    """``kubectl lock status NAME [OPTIONS]`` (a kubectl plugin) → ``kubelock --status`` argv.
+
+    Raises :class:`UsageError` for anything but ``status`` with one NAME.
+    """
+    if not argv or argv[0] != "status":
+        what = (
+            f"unknown subcommand {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
+        )
+        raise UsageError(what + _KUBECTL_USAGE)
+    name: str | None = None
+    options: list[str] = []
+    words = iter(argv[1:])
+    for word in words:
+        spelled, has_value, value = word.partition("=")
+        spelled = _KUBECTL_SPELLINGS.get(spelled, spelled)
+        spelled = _CANONICAL.get(spelled, spelled)
+        if not spelled.startswith("-"):
+            if name is not None:
+                raise UsageError(f"kubectl lock status takes one NAME (got {name!r} and {word!r})")
+            name = word
+        elif has_value:
+            options.append(f"{spelled}={value}")
+        elif spelled in _TAKES_VALUE:
+            following = next(words, None)
+            if following is None:
+                raise UsageError(f"{spelled} needs a value; {_KUBECTL_USAGE}")
+            options.append(f"{spelled}={following}")
+        else:
+            options.append(spelled)
+    if name is None:
+        raise UsageError(f"missing the lock's NAME; {_KUBECTL_USAGE}")
+    return ["--status", "--name", name, *options]
+
+
+def kubectl_main() -> NoReturn:
+    """The ``kubectl-lock`` console script: ``kubectl lock status NAME`` (read-only)."""
+    from .log import report_error
+
+    try:
+        argv = kubectl_argv(sys.argv[1:])
+    except UsageError as error:
+        report_error(str(error))
+        _exit_now(error.exit_code)
+    _exit_now(_run(argv))
+
+
 def _run(argv: Sequence[str]) -> int:
     # The log module and the supervisor are imported late: --help, --version and
     # usage errors stay light.
@@ -317,10 +404,15 @@ def _run(argv: Sequence[str]) -> int:
         settings = parse_args(argv)
         if settings is None:
             return 0  # --help or --version, printed
-        from . import supervisor
         from .log import setup_logging
 
         setup_logging(settings.log_format, settings.verbose)
+        if settings.status is not None:
+            from . import status
+
+            return status.run(settings)
+        from . import supervisor
+
         return supervisor.run(settings)
     except KubelockError as error:
         from .log import report_error

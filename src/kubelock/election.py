@@ -20,7 +20,13 @@ Safety model, said first (as client-go's package comment does):
 
 Waiting is event-driven: a watch on the single lock object wakes a waiter as
 soon as the holder releases. Polling every retry-period (with jitter) is the
-fallback whenever the watch is down or not allowed.
+fallback whenever the watch is down or not allowed. On a release, a waiter
+first waits a random delay in the published hand-off window
+(:mod:`kubelock.locks.handoff`), so that one waiter writes rather than all.
+
+With ``once``, the release after successful work also records the KEY on the
+lock object (:mod:`kubelock.locks.once`) in the same conditional write, and a
+contender that sees its KEY done stops with ``AlreadyDone`` instead of writing.
 
 Time is trio's clock, so ``trio.testing.MockClock`` makes every timing rule
 exactly testable. The only I/O is through the :class:`~kubelock.locks.base.LockStore`.
@@ -38,7 +44,17 @@ from datetime import datetime
 
 import trio
 
-from .errors import ApiError, Conflict, Forbidden, Gone, LeaseLost, NotFound, Unauthorized
+from .errors import (
+    AlreadyDone,
+    ApiError,
+    Conflict,
+    Forbidden,
+    Gone,
+    LeaseLost,
+    NotFound,
+    Unauthorized,
+    WaitTimedOut,
+)
 from .events import (
     Acquired,
     Event,
@@ -51,6 +67,8 @@ from .events import (
     Waiting,
 )
 from .locks.base import LockStore, Observed
+from .locks.handoff import handoff_annotation, handoff_window, next_window
+from .locks.once import DoneKey, done_annotation, find_done
 from .locks.record import LeaderElectionRecord, utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
 
@@ -159,6 +177,8 @@ class Elector:
         rng: random.Random | None = None,
         waiting_report_interval: float = WAITING_REPORT_INTERVAL,
         release_timeout: float = RELEASE_TIMEOUT,
+        once: str | None = None,
+        defer_on_release: bool = True,
     ) -> None:
         if not identity:
             raise ValueError("identity must not be empty")
@@ -170,6 +190,9 @@ class Elector:
         self._rng = rng or random.Random()
         self._waiting_report_interval = waiting_report_interval
         self._release_timeout = release_timeout
+        #: Run once per KEY: a contender that sees it done raises AlreadyDone.
+        self.once = once
+        self._succeeded = False
 
         # What this contender last saw, and when (local monotonic) it last changed.
         self._observed: Observed | None = None
@@ -186,6 +209,16 @@ class Elector:
         self.fencing_token: int | None = None
         self.lost_reason: str | None = None
         self._warned_same_identity = False
+        # The hand-off window (see locks/handoff.py): a waiter that sees the lock
+        # come free waits a random delay before writing, once per version seen.
+        self._defer_on_release = defer_on_release
+        self._looked = False
+        self._deferred_for: str | None = None
+        self._window = 0.0
+        self._delay = 0.0
+        self._write_at = -math.inf
+        self._lateness = 0.0
+        self._publish_window: float | None = None
 
     # -- public state ---------------------------------------------------------
 
@@ -249,20 +282,27 @@ class Elector:
 
     # -- acquire --------------------------------------------------------------
 
-    async def acquire(self) -> int:
+    async def acquire(self, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Wait until this contender holds the lock; return the fencing token.
 
         Cancellation (a signal while waiting) stops waiting at once; a write
         is only ever in flight when the lock looked free or expired.
         ``Forbidden``/``Unauthorized`` end the wait with that error (nothing
         retrying could fix); other API errors are reported and retried.
+
+        ``timeout``: give up with :class:`~kubelock.errors.WaitTimedOut` after
+        that many seconds, between steps, so no write of ours is cut short
+        (``0``: try once). With :attr:`once` set, a record of that KEY being
+        done, seen before taking the lock, raises
+        :class:`~kubelock.errors.AlreadyDone` instead.
         """
         self._started = trio.current_time()
-        fatal: ApiError | None = None
+        give_up_at = math.inf if timeout is None else self._started + max(timeout, 0.0)
+        fatal: Exception | None = None
         async with trio.open_nursery() as nursery:
             try:
-                await self._acquire_loop(nursery)
-            except FATAL_ERRORS as error:
+                await self._acquire_loop(nursery, give_up_at)
+            except (*FATAL_ERRORS, WaitTimedOut, AlreadyDone) as error:
                 # Raised outside the nursery, so callers see the error itself.
                 fatal = error
             nursery.cancel_scope.cancel()
@@ -275,7 +315,7 @@ class Elector:
         )
         return self.fencing_token
 
-    async def _acquire_loop(self, nursery: trio.Nursery) -> None:
+    async def _acquire_loop(self, nursery: trio.Nursery, give_up_at: float) -> None:
         last_report_holder: str | None = None
         last_report_time = -math.inf
         watching = False
@@ -287,9 +327,12 @@ class Elector:
                 raise
             except ApiError as error:
                 self._emit(WaitFailed(error=str(error)))
-                await self._sleep_jittered()
+                self._give_up_if_due(give_up_at, str(error))
+                with trio.move_on_at(give_up_at):
+                    await self._sleep_jittered()
                 continue
             record = self._observed.record if self._observed else None
+            self._give_up_if_due(give_up_at, self._holder_text())
             now = trio.current_time()
             if record is not None and (
                 record.holder_identity != last_report_holder
@@ -307,15 +350,31 @@ class Elector:
             if not watching:
                 watching = True
                 nursery.start_soon(self._watch)
-            await self._wait_for_change_or_expiry()
+            await self._wait_for_change_or_expiry(give_up_at)
 
-    async def _wait_for_change_or_expiry(self) -> None:
+    def _give_up_if_due(self, give_up_at: float, why: str) -> None:
+        now = trio.current_time()
+        if now >= give_up_at:
+            raise WaitTimedOut(
+                f"gave up waiting for the lock {self.store.describe()} after "
+                f"{now - self._started:.1f}s: {why}; nothing was written"
+            )
+
+    def _holder_text(self) -> str:
+        record = self._observed.record if self._observed else None
+        if record is None or not record.is_held:
+            return "it was taken by somebody else"
+        return f"held by {record.holder_identity!r}"
+
+    async def _wait_for_change_or_expiry(self, give_up_at: float = math.inf) -> None:
         """Sleep until the watch reports a change, the lease expires, or the poll is due."""
         poll = self.timing.retry_period * (1 + self._rng.random() * JITTER_FACTOR)
-        wake_at = trio.current_time() + poll
+        wake_at = min(trio.current_time() + poll, give_up_at)
         expiry = self._expiry()
-        if expiry is not None:
+        if expiry is not None and expiry > trio.current_time():
             wake_at = min(wake_at, expiry)
+        if self._write_at > trio.current_time():
+            wake_at = min(wake_at, self._write_at)
         with trio.move_on_at(wake_at):
             await self._changed.wait()
 
@@ -416,6 +475,12 @@ class Elector:
             return True
 
         current = self._observe(current)
+        first_look = not self._looked
+        self._looked = True
+        if self.once is not None:
+            done = find_done(current.raw, self.once)
+            if done is not None:
+                raise AlreadyDone(f"{self.once!r} is {describe_done(done)}", done)
         old = current.record
         expiry = self._expiry()
         if old.is_held and expiry is not None and trio.current_time() < expiry:
@@ -432,6 +497,14 @@ class Elector:
                     )
                 )
             return False
+        if self._defer_on_release and not first_look and not old.is_held:
+            if self._defer(current):
+                return False
+            # Let the watch hand over anything already received: a winner's write
+            # seen now saves a 409.
+            await trio.lowlevel.checkpoint()
+            if self._changed.is_set():
+                return False
 
         record = self._record(self.identity, transitions=old.leader_transitions + 1)
         sent = trio.current_time()
@@ -445,7 +518,31 @@ class Elector:
             self._observed = None
             return False
         self._took(updated, sent)
+        if self._deferred_for == current.resource_version:
+            self._publish_window = next_window(self._window, self._delay, self._lateness)
         return True
+
+    def _defer(self, current: Observed) -> bool:
+        """True while this waiter should hold back its write on a lock that was released.
+
+        An expired lease (its holder died) is taken at once: that is rare, and
+        the lease duration already made everyone wait.
+
+        Not asked on the first look (nobody else may be waiting): that one writes
+        at once. Each version seen free gets one random delay in the published window.
+        """
+        if self._deferred_for != current.resource_version:
+            self._deferred_for = current.resource_version
+            self._window = handoff_window(current.raw)
+            self._delay = self._window * self._rng.random()
+            self._write_at = trio.current_time() + self._delay
+            # How late this waiter heard of the release, by the releaser's clock:
+            # a sample of how long news takes to reach the waiters (see next_window).
+            self._lateness = 0.0
+            if current.record.renew_time is not None:
+                heard = (self._wall_clock() - current.record.renew_time).total_seconds()
+                self._lateness = min(max(heard, 0.0), 1.0)
+        return trio.current_time() < self._write_at
 
     def _record(
         self,
@@ -579,12 +676,18 @@ class Elector:
 
     # -- release --------------------------------------------------------------
 
+    def work_succeeded(self) -> None:
+        """The guarded work succeeded: the release records the :attr:`once` KEY as done."""
+        self._succeeded = True
+
     async def release(self) -> bool:
         """Give the lock back so the next contender starts at once; True when written.
 
         Shielded from cancellation and bounded by ``release_timeout``: when the API
         cannot be reached, kubelock exits anyway and the lease expires.
-        Does nothing when the lock is not held (never acquired, or lost).
+        Does nothing when the lock is not held (never acquired, or lost). After
+        :meth:`work_succeeded`, the same conditional write records the
+        :attr:`once` KEY as done.
         """
         if not self.is_holding:
             return False
@@ -593,7 +696,8 @@ class Elector:
         with trio.CancelScope(shield=True), trio.move_on_after(self._release_timeout):
             written = await self._write_release()
         self._acquired_at = None
-        self._emit(Released(held=held, written=written))
+        done = self.once if self._succeeded else None
+        self._emit(Released(held=held, written=written, done=done))
         return written
 
     async def _write_release(self) -> bool:
@@ -605,8 +709,16 @@ class Elector:
             record = self._record(
                 "", transitions=current.record.leader_transitions, lease_duration_seconds=1
             )
+            annotations: dict[str, str] = {}
+            if self._publish_window is not None:
+                annotations.update(handoff_annotation(self._publish_window))
+            if self.once is not None and self._succeeded:
+                assert self.fencing_token is not None
+                at = record.renew_time
+                done = DoneKey(self.once, self.identity, at, self.fencing_token)
+                annotations.update(done_annotation(current.raw, done))
             try:
-                self._observed = await self.store.update(record, current)
+                self._observed = await self.store.update(record, current, annotations=annotations)
                 return True
             except Conflict:
                 try:
@@ -619,3 +731,9 @@ class Elector:
             except ApiError:
                 return False
         return False
+
+
+def describe_done(done: DoneKey) -> str:
+    """``done by 'pod-a' at 2026-...Z (fencing token 3)``, for messages."""
+    at = f" at {done.at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if done.at is not None else ""
+    return f"done by {done.by!r}{at} (fencing token {done.fencing_token})"

@@ -17,7 +17,10 @@ The tree, top to bottom (catch the level you care about)::
     │       ├── Gone              410: a watch's resourceVersion is too old
     │       ├── TooManyRequests   429: API priority and fairness asks us to slow down
     │       └── ServerError       5xx
-    └── LeaseLost                 the lock was lost while the guarded work ran (exit 75)
+    ├── LeaseLost                 the lock was lost while the guarded work ran (exit 75)
+    └── WaitTimedOut              --timeout ran out before the lock was taken (exit 124)
+
+    AlreadyDone                   not an error: the ``--once`` KEY is done (exit 0)
 
 Messages are for people: one line that says what went wrong and what to do,
 then the server's own words. Credentials never appear in them.
@@ -25,13 +28,20 @@ then the server's own words. Credentials never appear in them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .locks.once import DoneKey
+
 __all__ = [
     "EXIT_CANNOT_EXECUTE",
     "EXIT_ERROR",
     "EXIT_LEASE_LOST",
     "EXIT_NOT_FOUND",
     "EXIT_SIGTERM",
+    "EXIT_TIMEOUT",
     "EXIT_USAGE",
+    "AlreadyDone",
     "AlreadyExists",
     "ApiError",
     "BadRequest",
@@ -48,6 +58,7 @@ __all__ = [
     "Unauthorized",
     "Unreachable",
     "UsageError",
+    "WaitTimedOut",
     "one_line",
 ]
 
@@ -56,6 +67,7 @@ __all__ = [
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the work was interrupted; a retry is welcome
+EXIT_TIMEOUT = 124  # as GNU timeout: stopped waiting, nothing written
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
 EXIT_SIGTERM = 143  # 128 + SIGTERM, the usual way a stopped command ends
@@ -153,6 +165,23 @@ class LeaseLost(KubelockError):
     """The lock was lost while the guarded work ran; the work was stopped."""
 
     exit_code = EXIT_LEASE_LOST
+
+
+class WaitTimedOut(KubelockError):
+    """``--timeout`` ran out before the lock could be taken; nothing was written."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class AlreadyDone(Exception):
+    """The ``once`` KEY is recorded as done on the lock: the work must not run again.
+
+    Not a :class:`KubelockError`: the CLI exits 0. ``done`` says who did it and when.
+    """
+
+    def __init__(self, message: str, done: DoneKey) -> None:
+        super().__init__(message)
+        self.done = done
 
 
 def one_line(text: str) -> str:

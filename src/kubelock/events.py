@@ -79,6 +79,7 @@ class Released:
 
     held: float
     written: bool  # False when the API could not be reached and the lease will expire
+    done: str | None = None  # the ``once`` KEY to record as done in the same write
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,8 +105,21 @@ def _describe(event: Event) -> tuple[int, str]:
             )
         case Lost(reason=reason, held=held):
             return logging.ERROR, f"lost the lock after holding it for {_seconds(held)}: {reason}"
+        case Released(held=held, written=True, done=str(key)):
+            return (
+                logging.INFO,
+                f"released the lock after holding it for {_seconds(held)}, "
+                f"recording {key!r} as done",
+            )
         case Released(held=held, written=True):
             return logging.INFO, f"released the lock after holding it for {_seconds(held)}"
+        case Released(held=held, done=str(key)):
+            return (
+                logging.WARNING,
+                f"could not release the lock after holding it for {_seconds(held)}: "
+                f"others can take it when the lease runs out, and {key!r} is not recorded "
+                "as done, so the next one runs it again",
+            )
         case Released(held=held):
             return (
                 logging.WARNING,

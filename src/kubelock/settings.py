@@ -227,6 +227,49 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     return (host or "0.0.0.0", int(port_text))
 
 
+#: The longest ``--once`` KEY: the done KEYs share the object's 256 KiB of annotations.
+MAX_ONCE_KEY_LENGTH = 128
+
+
+def validate_once_key(key: str, *, spell: Callable[[str], str] = str) -> str:
+    """A ``once`` KEY: 1 to 128 printable characters without spaces (a version, a hash).
+
+    ``spell`` names the setting in messages, as for :func:`validate_timing`.
+    """
+    if (
+        not key
+        or len(key) > MAX_ONCE_KEY_LENGTH
+        or not key.isprintable()
+        or any(character.isspace() for character in key)
+    ):
+        raise UsageError(
+            f"invalid {spell('once')} KEY {key!r}: use 1 to {MAX_ONCE_KEY_LENGTH} printable "
+            "characters without spaces, such as the app's version or a hash of its migrations"
+        )
+    return key
+
+
+OutputFormat = Literal["text", "json"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("text", "json")
+
+
+def validate_output(output: str) -> OutputFormat:
+    for known in OUTPUT_FORMATS:
+        if output == known:
+            return known
+    raise UsageError(f"invalid output format {output!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+
+
+def validate_timeout(timeout: float, *, spell: Callable[[str], str] = str) -> float:
+    """How long to wait for the lock: not negative (0 tries once)."""
+    if timeout < 0:
+        raise UsageError(
+            f"{spell('timeout')} must not be negative (got {format_duration(timeout)}); "
+            "0 tries once without waiting"
+        )
+    return timeout
+
+
 def validate_pushgateway(url: str) -> str:
     """A Pushgateway base URL: ``http(s)://host[:port][/path]``."""
     scheme, sep, rest = url.partition("://")
@@ -259,6 +302,9 @@ class Settings:
     verbose: bool = False
     metrics_address: tuple[str, int] | None = None  # None: no metrics server
     pushgateway: str | None = None  # None: push nothing
+    timeout: float | None = None  # None: wait as long as it takes; 0: try once
+    once: str | None = None  # run the command at most once per KEY across contenders
+    status: OutputFormat | None = None  # show the lock in this format; run no command
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -268,6 +314,10 @@ class Settings:
             raise UsageError("the identity (--id) must not be empty")
         validate_lock_type(self.lock_type)
         validate_log_format(self.log_format)
+        if self.timeout is not None:
+            validate_timeout(self.timeout, spell=flag)
+        if self.once is not None:
+            validate_once_key(self.once, spell=flag)
         if self.grace_period < 0:
             raise UsageError(
                 f"--grace-period must not be negative (got {format_duration(self.grace_period)})"

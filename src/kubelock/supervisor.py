@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .election import Elector
-from .errors import EXIT_LEASE_LOST, KubelockError, LeaseLost
+from .errors import EXIT_LEASE_LOST, AlreadyDone, KubelockError, LeaseLost
 from .events import Event, Observer
 from .process import FORWARDED_SIGNALS, run_child
 from .settings import Settings
@@ -122,9 +122,15 @@ async def _wait_and_run(
     async with open_lock(
         config, settings.lock_type, settings.name, namespace, observer=observe
     ) as store:
-        elector = Elector(store, settings.identity, settings.timing, observer=observe)
+        elector = Elector(
+            store, settings.identity, settings.timing, observer=observe, once=settings.once
+        )
         logger.info("taking the lock %s as %s", store.describe(), settings.identity)
-        stopped_by = await _acquire_unless_stopped(elector, signals)
+        try:
+            stopped_by = await _acquire_unless_stopped(elector, signals, settings.timeout)
+        except AlreadyDone as done:
+            logger.info("%s: not running the command", done)
+            return 0
         if stopped_by is not None:
             logger.info(
                 "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
@@ -133,10 +139,14 @@ async def _wait_and_run(
         return await _hold_and_run(settings, namespace, elector, observe)
 
 
-async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int]) -> int | None:
+async def _acquire_unless_stopped(
+    elector: Elector,
+    signals: AsyncIterator[int],
+    timeout: float | None,  # noqa: ASYNC109 -- the election's own give-up time
+) -> int | None:
     """Acquire the lock; return the signal number instead if one stopped the wait."""
     stopped_by: int | None = None
-    failure: KubelockError | None = None
+    failure: KubelockError | AlreadyDone | None = None
     async with trio.open_nursery() as nursery:
 
         async def listen() -> None:
@@ -150,8 +160,8 @@ async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int])
 
         nursery.start_soon(listen)
         try:
-            await elector.acquire()
-        except KubelockError as error:
+            await elector.acquire(timeout=timeout)
+        except (KubelockError, AlreadyDone) as error:
             failure = error  # re-raised outside the nursery, as itself
         nursery.cancel_scope.cancel()
     if failure is not None:
@@ -179,6 +189,8 @@ async def _hold_and_run(
                 hard_deadline=lambda: held.safety_deadline,
                 observer=observe,  # ChildExited: logged, and recorded in the metrics
             )
+            if status == 0:
+                elector.work_succeeded()  # --once: the release records KEY as done
     except LeaseLost:
         logger.error(
             "lost the lock (%s): the command was stopped; exiting %d",

@@ -37,9 +37,11 @@ Every option can also be set by the environment variable shown beside it."""
 _EPILOGUE = """\
 Exit status:
   the command's own      it ran (128+N when killed by signal N)
+  0                      also: with --once, KEY was already done (the command did not run)
   1                      the lock could not be taken (for example RBAC denied it)
   2                      bad usage or configuration; nothing was written
   75                     the lock was lost while the command ran; it was stopped
+  124                    --timeout ran out while waiting for the lock; nothing written
   126, 127               the command could not be run, or was not found
   130, 143               interrupted (SIGINT, SIGTERM) while waiting for the lock"""
 
@@ -138,6 +140,37 @@ def _options(
             "pushgateway", "URL", "push the metrics to this Pushgateway at exit", show_default="off"
         ),
     ] = None,
+    timeout: Annotated[
+        str | None,
+        _option(
+            "timeout",
+            "duration",
+            "stop waiting for the lock after this long and exit 124, nothing written (0: try once)",
+            show_default="wait as long as it takes",
+        ),
+    ] = None,
+    once: Annotated[
+        str | None,
+        _option(
+            "once",
+            "KEY",
+            "run COMMAND at most once per KEY (a version, a migrations hash): once it "
+            "exited 0, every contender with that KEY exits 0 without running it",
+            show_default="off",
+        ),
+    ] = None,
+    status: Annotated[
+        bool,
+        _option(
+            "status",
+            None,
+            "show the lock (holder, renewals, done KEYs) and exit; no COMMAND, needs only 'get'",
+        ),
+    ] = False,
+    output: Annotated[
+        str,
+        _option("output", "text|json", "how --status prints the lock", alias="-o"),
+    ] = "text",
 ) -> Options:
     given = locals()
     return Options(**{field.name: given[field.name] for field in dataclasses.fields(Options)})

@@ -9,7 +9,7 @@ a hanging request) can be injected for one contender while others go on.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 import trio
 
@@ -39,9 +39,21 @@ class MemoryBackend:
         self.compacted_below = 0
         self.deliver_to_watchers = True  # False: watches stay open but silent
 
-    def _store(self, record: LeaderElectionRecord, by: str) -> Observed:
+    def _store(
+        self,
+        record: LeaderElectionRecord,
+        by: str,
+        annotations: Mapping[str, str] | None = None,
+    ) -> Observed:
         self.version += 1
-        observed = Observed(record=record, resource_version=str(self.version))
+        raw = self.current.raw if self.current is not None else {}
+        kept = dict((raw.get("metadata") or {}).get("annotations") or {})
+        kept.update(annotations or {})
+        observed = Observed(
+            record=record,
+            resource_version=str(self.version),
+            raw={"metadata": {"annotations": kept}} if kept else {},
+        )
         self.current = observed
         self.history.append(Write(trio.current_time(), by, record, observed.resource_version))
         if not self.deliver_to_watchers:
@@ -107,12 +119,18 @@ class MemoryLock:
             raise AlreadyExists("already exists", status_code=409, reason="AlreadyExists")
         return self.backend._store(record, self.view)
 
-    async def update(self, record: LeaderElectionRecord, current: Observed) -> Observed:
+    async def update(
+        self,
+        record: LeaderElectionRecord,
+        current: Observed,
+        *,
+        annotations: Mapping[str, str] | None = None,
+    ) -> Observed:
         await self._request("update")
         stored = self.backend.current
         if stored is None or stored.resource_version != current.resource_version:
             raise Conflict("the object has been modified", status_code=409, reason="Conflict")
-        return self.backend._store(record, self.view)
+        return self.backend._store(record, self.view, annotations)
 
     async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
         await self._request("watch")

@@ -17,7 +17,7 @@ import pytest
 
 import kubelock
 from kubelock import cli
-from kubelock.cli import parse_args, split_argv
+from kubelock.cli import kubectl_argv, parse_args, split_argv
 from kubelock.errors import ConfigError, UsageError
 from kubelock.settings import ElectionTiming, Settings
 
@@ -113,6 +113,19 @@ def test_the_new_options() -> None:
     assert settings.pushgateway == "http://pushgateway:9091"
 
 
+def test_timeout_once_and_status() -> None:
+    settings = parsed("--timeout", "1m30s", "--once", "v1.2.3-abc", "true")
+    assert settings.timeout == 90.0
+    assert settings.once == "v1.2.3-abc"
+    assert settings.status is None
+    assert parsed("--timeout=0", "true").timeout == 0.0
+    assert parsed("true").timeout is None
+    assert parsed("true").once is None
+    assert parsed("--status").status == "text"
+    assert parsed("--status", "-o", "json").status == "json"
+    assert parsed("--status", "--output=json", "--name", "db").name == "db"
+
+
 def test_options_end_at_the_first_word_that_is_not_one() -> None:
     settings = parsed("--name", "db", "python", "manage.py", "migrate", "--noinput", "-v")
     assert settings.command == ("python", "manage.py", "migrate", "--noinput", "-v")
@@ -163,6 +176,8 @@ def test_every_option_reads_its_environment_variable(monkeypatch: pytest.MonkeyP
         "VERBOSE": "true",
         "METRICS_ADDRESS": ":9200",
         "PUSHGATEWAY": "https://push.example",
+        "TIMEOUT": "2s",
+        "ONCE": "v7",
     }.items():
         monkeypatch.setenv(f"KUBELOCK_{name}", value)
     assert parsed("true") == Settings(
@@ -179,6 +194,8 @@ def test_every_option_reads_its_environment_variable(monkeypatch: pytest.MonkeyP
         verbose=True,
         metrics_address=("0.0.0.0", 9200),
         pushgateway="https://push.example",
+        timeout=2.0,
+        once="v7",
     )
 
 
@@ -232,6 +249,14 @@ def test_a_bad_value_from_the_environment_names_the_variable(
         (["--metrics-address", "host:99999", "true"], "invalid metrics address 'host:99999'"),
         (["--pushgateway", "pushgateway:9091", "true"], "invalid pushgateway URL"),
         (["-v=perhaps", "true"], "invalid value for --verbose"),
+        (["--timeout", "-1s", "true"], "--timeout must not be negative (got -1s)"),
+        (["--timeout", "5", "true"], "--timeout: invalid duration '5'"),
+        (["--once", "", "true"], "invalid --once KEY ''"),
+        (["--once", "v 1", "true"], "invalid --once KEY 'v 1'"),
+        (["--once", "v" * 129, "true"], "use 1 to 128 printable characters"),
+        (["--status", "true"], "--status takes no command (got 'true')"),
+        (["-o", "json", "true"], "--output only applies to --status"),
+        (["--status", "-o", "yaml"], "invalid output format 'yaml': use one of text, json"),
     ],
 )
 def test_mistakes_are_usage_errors(argv: list[str], message: str) -> None:
@@ -434,3 +459,32 @@ def test_the_usual_invocation_does_not_import_cyclopts(argv: list[str]) -> None:
     )
     loaded = output_of(check)
     assert loaded.splitlines()[-1] == "[]"
+
+
+# --- kubectl lock status NAME --------------------------------------------------------
+
+
+def test_kubectl_lock_status_is_kubelock_status() -> None:
+    argv = kubectl_argv(["status", "migrations", "-n", "shop", "-o", "json", "--context=prod"])
+    assert argv == [
+        "--status", "--name", "migrations", "--namespace=shop", "--output=json", "--context=prod",
+    ]  # fmt: skip
+    settings = parse_args(argv)
+    assert settings is not None
+    assert (settings.name, settings.namespace, settings.status) == ("migrations", "shop", "json")
+    assert settings.context == "prod"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "usage: kubectl lock status NAME"),
+        (["take", "x"], "unknown subcommand 'take'"),
+        (["status"], "missing the lock's NAME"),
+        (["status", "a", "b"], "takes one NAME (got 'a' and 'b')"),
+        (["status", "a", "-n"], "--namespace needs a value"),
+    ],
+)
+def test_kubectl_lock_mistakes(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        kubectl_argv(argv)

@@ -14,8 +14,10 @@ import trio.testing
 
 from kubelock import events
 from kubelock.election import Elector
-from kubelock.errors import Forbidden, LeaseLost
+from kubelock.errors import AlreadyDone, Forbidden, LeaseLost, WaitTimedOut
 from kubelock.locks.base import Observed
+from kubelock.locks.handoff import DEFAULT_WINDOW, SPREAD_FACTOR, next_window
+from kubelock.locks.once import DONE_ANNOTATION, DONE_KEEP, done_keys
 from kubelock.locks.record import LeaderElectionRecord
 from kubelock.settings import ElectionTiming
 
@@ -25,14 +27,23 @@ TIMING = ElectionTiming(lease_duration=15, renew_deadline=10, retry_period=2)
 
 
 def contender(
-    backend: MemoryBackend, identity: str, seen: list[events.Event] | None = None
+    backend: MemoryBackend,
+    identity: str,
+    seen: list[events.Event] | None = None,
+    *,
+    once: str | None = None,
+    defer: bool = True,
 ) -> Elector:
+    """A contender; ``defer=False`` writes the moment a release is seen (no hand-off window),
+    for the tests of the watch's exact timing."""
     return Elector(
         MemoryLock(backend, identity),
         identity,
         TIMING,
         observer=seen.append if seen is not None else None,
         rng=random.Random(identity),
+        once=once,
+        defer_on_release=defer,
     )
 
 
@@ -94,7 +105,7 @@ async def test_release_lets_a_waiter_in_at_once(autojump_clock: trio.testing.Moc
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     acquired_at: list[float] = []
 
     async def wait_b() -> None:
@@ -117,7 +128,7 @@ async def test_release_is_seen_through_the_watch_not_the_poll(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.acquire)
         await trio.sleep(5)
@@ -139,7 +150,7 @@ async def test_a_release_watched_during_a_poll_is_not_lost_to_the_older_answer(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()  # and a never renews, so b's watch goes quiet and b polls
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     store = b.store
     assert isinstance(store, MemoryLock)
     acquired_at: list[float] = []
@@ -309,7 +320,7 @@ async def test_a_dropped_watch_is_reopened(autojump_clock: trio.testing.MockCloc
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    b = contender(backend, "b")
+    b = contender(backend, "b", defer=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.acquire)
         await trio.sleep(1)
@@ -350,7 +361,7 @@ async def test_many_contenders_never_hold_at_once(autojump_clock: trio.testing.M
     order: list[str] = []
 
     async def run(name: str) -> None:
-        elector = contender(backend, name)
+        elector = contender(backend, name, defer=False)
         await elector.acquire()
         if holding:
             overlaps.append((holding[0], name))
@@ -431,6 +442,236 @@ async def test_two_processes_with_the_same_identity_still_exclude_each_other(
     backend.write(LeaderElectionRecord("1", 15, None, None, 2))
     reason = await second.keep_renewing()
     assert "same identity" in reason
+
+
+# --- --timeout -------------------------------------------------------------------------
+
+
+async def test_timeout_gives_up_behind_a_holder_at_the_deadline_writing_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    await contender(backend, "a").acquire()
+    b = contender(backend, "b")
+    with pytest.raises(WaitTimedOut, match=r"after 5\.0s: held by 'a'; nothing was written"):
+        await b.acquire(timeout=5)
+    assert trio.current_time() == pytest.approx(5)
+    assert [write.by for write in backend.history] == ["a"]
+
+
+async def test_timeout_zero_tries_once(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    await contender(backend, "a").acquire()
+    b = contender(backend, "b")
+    with pytest.raises(WaitTimedOut):
+        await b.acquire(timeout=0)
+    assert trio.current_time() == 0
+    store = b.store
+    assert isinstance(store, MemoryLock)
+    assert store.requests == ["get"]
+    # A free lock is taken by that one try.
+    backend.write(LeaderElectionRecord())
+    c = contender(backend, "c")
+    await c.acquire(timeout=0)
+    assert c.is_holding
+
+
+async def test_timeout_does_not_stop_a_waiter_that_gets_the_lock_in_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: b.acquire(timeout=10))
+        await trio.sleep(3)
+        await a.release()
+    assert b.is_holding
+
+
+# --- --once ----------------------------------------------------------------------------
+
+
+async def test_once_records_the_key_in_the_release_after_success(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.write(LeaderElectionRecord())
+    assert backend.current is not None
+    backend.current.raw["metadata"] = {"annotations": {"someone.else/note": "kept"}}
+    a = contender(backend, "a", once="v1")
+    token = await a.acquire()
+    a.work_succeeded()
+    await a.release()
+    assert backend.current is not None
+    [done] = done_keys(backend.current.raw)
+    assert (done.key, done.by, done.fencing_token) == ("v1", "a", token)
+    assert backend.current.raw["metadata"]["annotations"]["someone.else/note"] == "kept"
+    assert backend.current.record.holder_identity == ""
+    # A later contender with the same KEY writes nothing and does not wait.
+    b = contender(backend, "b", once="v1")
+    writes = len(backend.history)
+    with pytest.raises(AlreadyDone, match=r"'v1' is done by 'a' .*fencing token 1"):
+        await b.acquire()
+    assert len(backend.history) == writes
+    # Another KEY runs, and both KEYs stay recorded.
+    c = contender(backend, "c", once="v2")
+    await c.acquire()
+    c.work_succeeded()
+    await c.release()
+    assert [done.key for done in done_keys(backend.current.raw)] == ["v1", "v2"]
+
+
+async def test_a_waiter_learns_the_key_is_done_from_its_watch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", once="v1")
+    await a.acquire()
+    b = contender(backend, "b", once="v1")
+    done_at: list[float] = []
+
+    async def wait_b() -> None:
+        with pytest.raises(AlreadyDone):
+            await b.acquire()
+        done_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_b)
+        await trio.sleep(7)
+        a.work_succeeded()
+        await a.release()
+    assert done_at == [pytest.approx(7)]
+    assert [write.by for write in backend.history] == ["a", "a"]
+
+
+async def test_a_failed_run_records_nothing_and_the_next_one_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", once="v2")
+    await a.acquire()
+    await a.release()  # the work failed: no work_succeeded()
+    assert backend.current is not None
+    assert done_keys(backend.current.raw) == ()
+    b = contender(backend, "b", once="v2")
+    await b.acquire()
+    assert b.is_holding
+
+
+async def test_done_keys_are_bounded_newest_kept(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    for version in range(DONE_KEEP + 5):
+        elector = contender(backend, f"c{version}", once=f"v{version}")
+        await elector.acquire()
+        elector.work_succeeded()
+        await elector.release()
+    assert backend.current is not None
+    keys = [done.key for done in done_keys(backend.current.raw)]
+    assert keys == [f"v{version}" for version in range(5, DONE_KEEP + 5)]
+
+
+async def test_an_unreadable_done_annotation_reads_as_nothing_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.write(LeaderElectionRecord())
+    assert backend.current is not None
+    backend.current.raw["metadata"] = {"annotations": {DONE_ANNOTATION: "{not json"}}
+    a = contender(backend, "a", once="v1")
+    await a.acquire()
+    a.work_succeeded()
+    await a.release()
+    assert [done.key for done in done_keys(backend.current.raw)] == ["v1"]
+
+
+# --- the hand-off window: no thundering herd -------------------------------------------
+
+
+async def test_a_free_lock_at_first_look_is_taken_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.write(LeaderElectionRecord())  # released long ago
+    b = contender(backend, "b")
+    await b.acquire()
+    assert trio.current_time() == 0
+
+
+async def test_on_a_release_one_waiter_writes_and_the_others_see_it_and_do_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    waiters = [contender(backend, name) for name in ("b", "c", "d", "e")]
+    async with trio.open_nursery() as nursery:
+        for waiter in waiters:
+            nursery.start_soon(waiter.acquire)
+        await trio.sleep(5)
+        await a.release()
+        await trio.sleep(1)
+        holders = [waiter for waiter in waiters if waiter.is_holding]
+        nursery.cancel_scope.cancel()
+    assert len(holders) == 1
+    writes = {}
+    for waiter in waiters:
+        assert isinstance(waiter.store, MemoryLock)
+        writes[waiter.identity] = waiter.store.requests.count("update")
+    assert writes == {waiter.identity: int(waiter in holders) for waiter in waiters}
+    # Within the default window of the release, not at a poll.
+    assert backend.history[-1].at - backend.history[-2].at < DEFAULT_WINDOW
+
+
+async def test_the_window_keeps_writes_near_two_per_turn_where_the_herd_writes_many(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def writes_per_turn(defer: bool) -> float:
+        backend = MemoryBackend()
+        stores: list[MemoryLock] = []
+
+        async def run(name: str) -> None:
+            elector = contender(backend, name, defer=defer)
+            assert isinstance(elector.store, MemoryLock)
+            elector.store.latency = 0.002  # each request takes 2 ms
+            stores.append(elector.store)
+            await elector.acquire()
+            await trio.sleep(0.5)
+            await elector.release()
+
+        async with trio.open_nursery() as nursery:
+            for index in range(30):
+                nursery.start_soon(run, f"c{index}")
+                await trio.sleep(0.01)  # arrivals 10 ms apart: one creates, the others wait
+        writes = sum(
+            store.requests.count("update") + store.requests.count("create") for store in stores
+        )
+        return writes / 30
+
+    herd = await writes_per_turn(defer=False)
+    deferred = await writes_per_turn(defer=True)
+    assert herd > 10
+    assert deferred < 3
+
+
+def test_the_published_window_shrinks_for_one_waiter_and_grows_with_many() -> None:
+    rng = random.Random(7)
+    settled = {}
+    for waiters in (1, 10, 100):
+        window = DEFAULT_WINDOW
+        seen = []
+        for _ in range(300):
+            delay = min(window * rng.random() for _ in range(waiters))
+            window = next_window(window, delay, lateness=0.01)
+            seen.append(window)
+        settled[waiters] = sorted(seen[100:])[100]  # the median after settling
+    assert settled[1] < 0.01  # alone: a delay of a few milliseconds at most
+    # With others: about SPREAD_FACTOR x lateness per other waiter (the estimate is
+    # biased high by the minimum's skew, e**0.577 = 1.8).
+    for waiters in (10, 100):
+        expected = SPREAD_FACTOR * 0.01 * (waiters - 1)
+        assert expected / 2 < settled[waiters] < expected * 4, (waiters, settled)
 
 
 async def test_holding_cancels_the_body_at_loss_and_then_raises_lease_lost(

@@ -6,6 +6,7 @@ The same API is exercised against the real kube-apiserver in tests/integration.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import trio
@@ -117,3 +118,54 @@ def test_blocking_hold_interrupts_blocking_code_when_the_lease_is_lost() -> None
         time.sleep(60)  # a blocking call, interrupted by the signal
     # Interrupted well before the 60 s sleep ended (generous bound, not a timing claim).
     assert time.monotonic() - started < 30
+
+
+async def test_once_records_a_completed_body_and_then_raises_already_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    with pytest.raises(ValueError, match="boom"):
+        async with kubelock.Lock("lock", identity="a", store=MemoryLock(backend, "a"), once="v1"):
+            raise ValueError("boom")  # failed: nothing recorded
+    ran = []
+    async with kubelock.Lock("lock", identity="b", store=MemoryLock(backend, "b"), once="v1"):
+        ran.append("b")
+    with pytest.raises(kubelock.AlreadyDone) as done:
+        async with kubelock.Lock("lock", identity="c", store=MemoryLock(backend, "c"), once="v1"):
+            ran.append("c")
+    assert ran == ["b"]
+    assert done.value.done.by == "b"
+
+
+def test_hold_with_once_records_only_a_body_that_completed() -> None:
+    backend = MemoryBackend()
+
+    def hold(identity: str) -> Any:
+        return kubelock.hold(
+            "lock", identity=identity, store=MemoryLock(backend, identity), once="v1"
+        )
+
+    with pytest.raises(ValueError, match="boom"), hold("a"):
+        raise ValueError("boom")
+    with hold("b"):
+        pass
+    with pytest.raises(kubelock.AlreadyDone), hold("c"):
+        pytest.fail("a done KEY must not run again")
+
+
+async def test_timeout_raises_wait_timed_out(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    async with kubelock.Lock("lock", identity="a", store=MemoryLock(backend, "a")):
+        with pytest.raises(kubelock.WaitTimedOut):
+            async with kubelock.Lock(
+                "lock", identity="b", store=MemoryLock(backend, "b"), timeout=3
+            ):
+                pytest.fail("must not be entered")
+        assert trio.current_time() == pytest.approx(3)
+
+
+def test_lock_names_its_keywords_in_mistakes() -> None:
+    with pytest.raises(kubelock.UsageError, match=r"^timeout must not be negative"):
+        kubelock.Lock("lock", timeout=-1)
+    with pytest.raises(kubelock.UsageError, match=r"^invalid once KEY 'a b'"):
+        kubelock.Lock("lock", once="a b")

@@ -6,7 +6,7 @@ so does the in-memory test double used by the unit tests.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Protocol
 
 from .record import LeaderElectionRecord
@@ -57,8 +57,17 @@ class LockStore(Protocol):
         """Create the object holding ``record``; ``AlreadyExists`` if it exists."""
         ...
 
-    async def update(self, record: LeaderElectionRecord, current: Observed) -> Observed:
-        """Replace the record of ``current``; ``Conflict`` if it changed since."""
+    async def update(
+        self,
+        record: LeaderElectionRecord,
+        current: Observed,
+        *,
+        annotations: Mapping[str, str] | None = None,
+    ) -> Observed:
+        """Replace the record of ``current``; ``Conflict`` if it changed since.
+
+        ``annotations`` are set in the same write; others are left as they are.
+        """
         ...
 
     def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:

@@ -12,7 +12,7 @@ wrote in between, the server answers 409 and nothing is overwritten.
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -82,7 +82,13 @@ class ApiLock:
         created = await self.api.create(self.target, obj, timeout=self.timeout)
         return self._observed(created)
 
-    async def update(self, record: LeaderElectionRecord, current: Observed) -> Observed:
+    async def update(
+        self,
+        record: LeaderElectionRecord,
+        current: Observed,
+        *,
+        annotations: Mapping[str, str] | None = None,
+    ) -> Observed:
         obj = copy.deepcopy(current.raw) if current.raw else {}
         obj.setdefault("apiVersion", self.target.api_version)
         obj.setdefault("kind", self.object_kind)
@@ -90,6 +96,8 @@ class ApiLock:
         metadata.setdefault("name", self.name)
         metadata.setdefault("namespace", self.namespace)
         metadata["resourceVersion"] = current.resource_version
+        if annotations:
+            metadata["annotations"] = {**(metadata.get("annotations") or {}), **annotations}
         self.put_record(obj, record)
         replaced = await self.api.replace(self.target, obj, timeout=self.timeout)
         return self._observed(replaced)

@@ -1,0 +1,95 @@
+"""Run once per KEY: the done KEYs kept on the lock object itself.
+
+They live in one annotation, ``kubelock.io/done``, as a JSON list, oldest
+first, of at most :data:`DONE_KEEP` entries::
+
+    [{"key": "v1", "by": "web-7d9f-abcde", "at": "2026-11-30T01:02:03.456789Z", "token": 3}]
+
+``by`` is the holder identity that ran the command, ``at`` its wall clock
+when it released, ``token`` its fencing token. The annotation is written only
+in the same conditional write as a release after the command succeeded, and
+every other field and annotation of the object is left as it was, so client-go
+and Go kubelock contenders on the same object are not disturbed (they keep
+annotations they do not know when they update the record).
+
+An annotation that does not parse reads as no KEY done: the next run writes
+a fresh one. The worst outcome is a command run once more, never twice at the
+same time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from .record import format_micro_time, parse_time
+
+DONE_ANNOTATION = "kubelock.io/done"
+#: How many done KEYs the lock object keeps (the oldest are dropped first).
+DONE_KEEP = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DoneKey:
+    """One KEY whose command succeeded: who ran it, when, with which fencing token."""
+
+    key: str
+    by: str
+    at: datetime | None
+    fencing_token: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "by": self.by,
+            "at": format_micro_time(self.at) if self.at is not None else None,
+            "token": self.fencing_token,
+        }
+
+
+def done_keys(obj: Mapping[str, Any]) -> tuple[DoneKey, ...]:
+    """The done KEYs recorded on ``obj`` (a lock object as read), oldest first."""
+    metadata = obj.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    value = annotations.get(DONE_ANNOTATION)
+    if not isinstance(value, str) or not value:
+        return ()
+    try:
+        entries = json.loads(value)
+    except ValueError:
+        return ()
+    if not isinstance(entries, list):
+        return ()
+    keys = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            continue
+        token = entry.get("token")
+        keys.append(
+            DoneKey(
+                key=entry["key"],
+                by=str(entry.get("by") or ""),
+                at=parse_time(entry.get("at")),
+                fencing_token=token if isinstance(token, int) else 0,
+            )
+        )
+    return tuple(keys)
+
+
+def find_done(obj: Mapping[str, Any], key: str) -> DoneKey | None:
+    """The record of ``key`` on ``obj``, or ``None`` when it is not done."""
+    for done in done_keys(obj):
+        if done.key == key:
+            return done
+    return None
+
+
+def done_annotation(obj: Mapping[str, Any], done: DoneKey) -> dict[str, str]:
+    """The annotation to write so that ``obj`` also records ``done`` (bounded, newest last)."""
+    kept = [entry for entry in done_keys(obj) if entry.key != done.key]
+    kept.append(done)
+    value = json.dumps([entry.to_json() for entry in kept[-DONE_KEEP:]], separators=(",", ":"))
+    return {DONE_ANNOTATION: value}

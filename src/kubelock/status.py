@@ -1,0 +1,111 @@
+"""``kubelock --status``: a read-only view of one lock (it needs only ``get``).
+
+It shows the holder, since when, the last renewal and its age, the lease
+duration, the transitions and the ``--once`` KEYs that are done, as text for
+people or as JSON (``-o json``) for scripts. Ages are judged by this
+machine's clock against the holder's timestamps, so they are only as right
+as the two clocks agree; the election itself never trusts remote clocks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any, TextIO
+
+import trio
+
+from .locks.base import Observed
+from .locks.once import done_keys
+from .locks.record import format_micro_time, utc_now
+from .settings import OutputFormat, Settings
+
+
+def run(settings: Settings, out: TextIO | None = None) -> int:
+    """Read the lock of ``settings`` once and print it (on stdout); return the exit status."""
+    return trio.run(_show, settings, out or sys.stdout)
+
+
+async def _show(settings: Settings, out: TextIO) -> int:
+    from .kube.auth import load_cluster
+    from .locks import open_lock
+
+    config, namespace = load_cluster(settings.kubeconfig, settings.context, settings.namespace)
+    async with open_lock(config, settings.lock_type, settings.name, namespace) as store:
+        observed = await store.get()
+        view = describe(store.kind, namespace, settings.name, observed, utc_now())
+    format: OutputFormat = settings.status or "text"
+    out.write(json.dumps(view, indent=2) + "\n" if format == "json" else as_text(view))
+    return 0
+
+
+def describe(
+    kind: str, namespace: str, name: str, observed: Observed | None, now: datetime
+) -> dict[str, Any]:
+    """The lock as plain data (the JSON of ``-o json``)."""
+    view: dict[str, Any] = {"kind": kind, "namespace": namespace, "name": name}
+    if observed is None:
+        return {**view, "exists": False, "held": False, "holder": None, "done": []}
+    record = observed.record
+    renew_age = None
+    expired = None
+    if record.renew_time is not None:
+        renew_age = round((now - record.renew_time).total_seconds(), 3)
+        expired = renew_age > record.lease_duration_seconds
+    return {
+        **view,
+        "exists": True,
+        "held": record.is_held and not expired,
+        "holder": record.holder_identity or None,
+        "acquireTime": _time(record.acquire_time),
+        "renewTime": _time(record.renew_time),
+        "renewAgeSeconds": renew_age,
+        "leaseDurationSeconds": record.lease_duration_seconds,
+        "expired": expired if record.is_held else None,
+        "transitions": record.leader_transitions,
+        "done": [
+            {
+                "key": done.key,
+                "by": done.by,
+                "at": _time(done.at),
+                "fencingToken": done.fencing_token,
+            }
+            for done in done_keys(observed.raw)
+        ],
+    }
+
+
+def as_text(view: dict[str, Any]) -> str:
+    """The lock for people, one fact per line."""
+    lines = [f"lock:         {view['kind']} {view['namespace']}/{view['name']}"]
+    if not view["exists"]:
+        lines.append("holder:       nobody (the object does not exist yet)")
+        return "\n".join(lines) + "\n"
+    if view["holder"] is None:
+        lines.append("holder:       nobody (released)")
+    else:
+        state = " (lease expired by this machine's clock)" if view["expired"] else ""
+        lines.append(f"holder:       {view['holder']}{state}")
+        lines.append(f"since:        {view['acquireTime'] or '-'}")
+    age = view["renewAgeSeconds"]
+    renewed = view["renewTime"] or "-"
+    if age is not None:
+        renewed += f" ({age:.1f}s ago)"
+    lines.append(f"last renewal: {renewed}")
+    lines.append(f"lease:        {view['leaseDurationSeconds']}s")
+    lines.append(f"transitions:  {view['transitions']}")
+    if not view["done"]:
+        lines.append("done KEYs:    none")
+    else:
+        lines.append(f"done KEYs:    {len(view['done'])} (newest last)")
+        for done in view["done"]:
+            lines.append(
+                f"  {done['key']}  by {done['by']} at {done['at'] or '-'} "
+                f"(fencing token {done['fencingToken']})"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _time(moment: datetime | None) -> str | None:
+    return format_micro_time(moment) if moment is not None else None

@@ -1,0 +1,68 @@
+"""The --status view: plain data for -o json, and lines for people (no I/O here)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from kubelock.locks.base import Observed
+from kubelock.locks.once import DoneKey, done_annotation
+from kubelock.locks.record import LeaderElectionRecord
+from kubelock.status import as_text, describe
+
+NOW = datetime(2026, 11, 30, 2, 0, 0, tzinfo=UTC)
+
+
+def observed(holder: str, renewed_ago: float, done: list[DoneKey] | None = None) -> Observed:
+    annotations: dict[str, str] = {}
+    for entry in done or []:
+        annotations.update(done_annotation({"metadata": {"annotations": annotations}}, entry))
+    record = LeaderElectionRecord(
+        holder_identity=holder,
+        lease_duration_seconds=15,
+        acquire_time=NOW - timedelta(seconds=60),
+        renew_time=NOW - timedelta(seconds=renewed_ago),
+        leader_transitions=4,
+    )
+    return Observed(record, "7", {"metadata": {"annotations": annotations}})
+
+
+def test_a_lock_that_does_not_exist_is_free() -> None:
+    view = describe("leases", "shop", "migrations", None, NOW)
+    assert view == {
+        "kind": "leases",
+        "namespace": "shop",
+        "name": "migrations",
+        "exists": False,
+        "held": False,
+        "holder": None,
+        "done": [],
+    }
+    assert "nobody (the object does not exist yet)" in as_text(view)
+
+
+def test_a_held_lock_with_done_keys() -> None:
+    done = [DoneKey("v1", "pod-a", NOW - timedelta(days=1), 2), DoneKey("v2", "pod-b", NOW, 4)]
+    view = describe("leases", "shop", "migrations", observed("pod-c", 1.5, done), NOW)
+    assert view["held"] is True
+    assert view["expired"] is False
+    assert view["renewAgeSeconds"] == 1.5
+    assert [entry["key"] for entry in view["done"]] == ["v1", "v2"]
+    text = as_text(view).splitlines()
+    assert "holder:       pod-c" in text
+    assert "last renewal: 2026-11-30T01:59:58.500000Z (1.5s ago)" in text
+    assert "  v2  by pod-b at 2026-11-30T02:00:00.000000Z (fencing token 4)" in text
+
+
+def test_a_lease_not_renewed_for_longer_than_its_duration_shows_as_expired() -> None:
+    view = describe("leases", "shop", "migrations", observed("pod-c", 20), NOW)
+    assert view["held"] is False
+    assert view["expired"] is True
+    assert "holder:       pod-c (lease expired by this machine's clock)" in as_text(view)
+
+
+def test_a_released_lock() -> None:
+    view = describe("configmaps", "shop", "migrations", observed("", 3), NOW)
+    assert view["holder"] is None
+    assert view["held"] is False
+    assert "holder:       nobody (released)" in as_text(view)
+    assert "done KEYs:    none" in as_text(view)
