@@ -164,8 +164,11 @@ class Lock:
                 await elector.release()
             if body_error is not None:
                 raise body_error
+            held.lost = held.lost or elector.lost_reason  # past the deadline when releasing
             if held.lost is not None:
                 raise LeaseLost(f"lost the lock {store.describe()}: {held.lost}")
+            if elector.release_refused is not None:
+                raise elector.release_refused
 
 
 @contextlib.contextmanager

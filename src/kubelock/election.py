@@ -36,7 +36,16 @@ from datetime import datetime
 
 import trio
 
-from .errors import ApiError, Conflict, Forbidden, Gone, NotFound, Unauthorized
+from .errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    NotFound,
+    StatusError,
+    Unauthorized,
+)
 from .events import (
     Acquired,
     Event,
@@ -57,7 +66,7 @@ WAITING_REPORT_INTERVAL = 30.0
 #: The longest a release may take before kubelock leaves the lease to expire.
 RELEASE_TIMEOUT = 5.0
 #: Errors that end waiting at once: retrying cannot fix them.
-FATAL_ERRORS = (Forbidden, Unauthorized)
+FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
 
 
 def _no_observer(event: Event) -> None:
@@ -108,6 +117,8 @@ class Elector:
         self.held_until = -math.inf
         self.fencing_token: int | None = None
         self.lost_reason: str | None = None
+        #: Why the API refused the release (RBAC, credentials), if it did.
+        self.release_refused: StatusError | None = None
         self._warned_same_identity = False
 
     # -- public state ---------------------------------------------------------
@@ -133,8 +144,9 @@ class Elector:
 
         Cancellation (a signal while waiting) stops waiting at once; a write
         is only ever in flight when the lock looked free or expired.
-        ``Forbidden``/``Unauthorized`` end the wait with that error (nothing
-        retrying could fix); other API errors are reported and retried.
+        ``Forbidden``/``Unauthorized``/``BadRequest`` end the wait with that
+        error (nothing retrying could fix); other API errors are reported and
+        retried.
         """
         self._started = trio.current_time()
         fatal: ApiError | None = None
@@ -224,7 +236,7 @@ class Elector:
                 # Too old to resume: make the loop re-read, then watch from there.
                 self._observed = None
                 self._changed.set()
-            except FATAL_ERRORS as error:
+            except (Forbidden, Unauthorized) as error:
                 # Watching is not allowed (e.g. a Role written for the Go kubelock):
                 # polling every retry-period still works, only slower to hand off.
                 self._emit(
@@ -437,16 +449,42 @@ class Elector:
             self._wrote(updated, sent)
             return "renewed"
 
+    # -- giving up ------------------------------------------------------------
+
+    def past_deadline(self) -> bool:
+        """True once ``held_until`` has passed: another contender may hold the lock now.
+
+        Renewals stop before then by themselves; this is for a holder that was
+        stopped or starved (SIGSTOP, a debugger) and has just resumed.
+        """
+        return trio.current_time() >= self.held_until
+
+    def abandon(self, reason: str) -> None:
+        """Count the lock as lost without writing anything more to it. Not a checkpoint."""
+        if not self.is_holding:
+            return
+        self.lost_reason = reason
+        self._emit(Lost(reason=reason, held=self.held_for()))
+
     # -- release --------------------------------------------------------------
 
     async def release(self) -> bool:
         """Give the lock back so the next contender starts at once; True when written.
 
         Shielded from cancellation and bounded by ``release_timeout``: when the API
-        cannot be reached, kubelock exits anyway and the lease expires.
-        Does nothing when the lock is not held (never acquired, or lost).
+        cannot be reached, kubelock exits anyway and the lease expires. When the
+        API refuses (403, 401, 400), :attr:`release_refused` holds the error.
+        Does nothing when the lock is not held (never acquired, or lost), and
+        writes nothing once ``held_until`` has passed (see :meth:`past_deadline`):
+        the lock is then counted as lost.
         """
         if not self.is_holding:
+            return False
+        if self.past_deadline():
+            self.abandon(
+                "kubelock was not running at the lease's deadline (stopped or starved); "
+                "others may hold the lock now, so nothing more is written"
+            )
             return False
         held = self.held_for()
         written = False
@@ -481,6 +519,9 @@ class Elector:
                 if fresh is None or not self._is_ours(fresh.record):
                     return False  # not ours any more: nothing to give back
                 current = fresh
+            except FATAL_ERRORS as error:
+                self.release_refused = error
+                return False
             except ApiError:
                 return False
         return False

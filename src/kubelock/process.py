@@ -35,12 +35,16 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, KubelockError
 from .events import ChildExited
 from .settings import DEFAULT_GRACE_PERIOD
+
+if TYPE_CHECKING:
+    from .watchdog import Watchdog
 
 logger = logging.getLogger("kubelock")
 
@@ -108,12 +112,14 @@ class Child:
         *,
         grace_period: float,
         hard_deadline: HardDeadline | None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.argv = argv
         self.pid = process.pid
         self.grace_period = grace_period
         self.hard_deadline: HardDeadline = hard_deadline or (lambda: None)
         self._process = process
+        self._watchdog = watchdog
         self._started_at = trio.current_time()
         self._watch_lock = trio.Lock()
         self._has_exited = False  # the pidfd said so; the child may still be unreaped
@@ -131,8 +137,12 @@ class Child:
         *,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         hard_deadline: HardDeadline | None = None,
+        watchdog: Watchdog | None = None,
     ) -> Child:
         """Spawn ``argv`` (searched on ``env``'s PATH) in a new process group.
+
+        ``watchdog`` guards the new group from the moment it exists until the
+        child is reaped (see :mod:`kubelock.watchdog`).
 
         A checkpoint only before the process exists: once it is spawned,
         ``start`` returns it even if cancelled meanwhile (the cancellation
@@ -153,10 +163,18 @@ class Child:
             raise CannotRun(argv[0], error) from None
         else:
             _registry.children.add(process.pid)
+            if watchdog is not None:
+                watchdog.guard(process.pid)
         finally:
             _registry.spawning -= 1
         logger.debug("started %r as PID %d", argv[0], process.pid)
-        child = cls(process, tuple(argv), grace_period=grace_period, hard_deadline=hard_deadline)
+        child = cls(
+            process,
+            tuple(argv),
+            grace_period=grace_period,
+            hard_deadline=hard_deadline,
+            watchdog=watchdog,
+        )
         child._hand_terminal()
         return child
 
@@ -290,6 +308,8 @@ class Child:
     async def _reap(self) -> int:
         """Collect the exited child's status. A checkpoint only in the unlikely slow path."""
         if self._exited is None:
+            if self._watchdog is not None:  # while the zombie still holds the group id
+                self._watchdog.unguard()
             returncode = self._process.poll()  # the zombie is reaped here
             if returncode is None:  # pragma: no cover - exited, yet not reapable for an instant
                 returncode = await self._process.wait()
@@ -454,6 +474,7 @@ async def run_child(
     grace_period: float = DEFAULT_GRACE_PERIOD,
     hard_deadline: HardDeadline | None = None,
     reap: bool | None = None,
+    watchdog: Watchdog | None = None,
     task_status: trio.TaskStatus[Child] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run ``argv`` to the end: spawn, forward signals, reap orphans as PID 1; return its status.
@@ -472,7 +493,9 @@ async def run_child(
     if reap is None:
         reap = is_init() or _outer_process_is_init()
     with trio.open_signal_receiver(*FORWARDED_SIGNALS) as received:
-        child = await Child.start(argv, env, grace_period=grace_period, hard_deadline=hard_deadline)
+        child = await Child.start(
+            argv, env, grace_period=grace_period, hard_deadline=hard_deadline, watchdog=watchdog
+        )
         task_status.started(child)
         try:
             async with trio.open_nursery() as nursery:

@@ -28,13 +28,14 @@ import trio
 
 from .election import Elector
 from .errors import EXIT_LEASE_LOST, KubelockError
-from .events import Event, Observer
+from .events import Acquired, Event, Observer, Renewed
 from .process import FORWARDED_SIGNALS, CannotRun, run_child
 from .settings import Settings, validate_namespace
 
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
     from .metrics import Metrics
+    from .watchdog import Watchdog
 
 logger = logging.getLogger("kubelock")
 
@@ -43,11 +44,20 @@ STOP_WAITING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, 
 
 
 def run(settings: Settings) -> int:
-    """Run one kubelock invocation; return the exit status."""
-    return trio.run(supervise, settings)
+    """Run one kubelock invocation; return the exit status.
+
+    The watchdog is forked first, while kubelock has one thread and no event loop.
+    """
+    from .watchdog import Watchdog
+
+    watchdog = Watchdog.start()
+    try:
+        return trio.run(supervise, settings, watchdog)
+    finally:
+        watchdog.close()
 
 
-async def supervise(settings: Settings) -> int:
+async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int:
     from .kube.auth import load_config
     from .log import log_event
 
@@ -88,7 +98,9 @@ async def supervise(settings: Settings) -> int:
                         )
                     if settings.pushgateway is not None:
                         services.start_soon(metrics.push_periodically, settings.pushgateway)
-                status = await _wait_and_run(settings, config, namespace, observe, metrics, signals)
+                status = await _wait_and_run(
+                    settings, config, namespace, observe, metrics, signals, watchdog
+                )
             except KubelockError as error:
                 failure = error  # re-raised outside the nursery, as itself
             services.cancel_scope.cancel()
@@ -106,13 +118,19 @@ async def _wait_and_run(
     observe: Observer,
     metrics: Metrics | None,
     signals: AsyncIterator[int],
+    watchdog: Watchdog | None,
 ) -> int:
     from .kube.api import ApiClient
     from .locks import make_lock
 
+    def observe_and_guard(event: Event) -> None:
+        observe(event)
+        if watchdog is not None and isinstance(event, Acquired | Renewed):
+            watchdog.set_deadline(_hard_deadline(settings, elector))
+
     async with ApiClient(config, observer=observe) as api:
         store = make_lock(settings.lock_type, api, settings.name, namespace)
-        elector = Elector(store, settings.identity, settings.timing, observer=observe)
+        elector = Elector(store, settings.identity, settings.timing, observer=observe_and_guard)
         logger.info("taking the lock %s as %s", store.describe(), settings.identity)
         stopped_by = await _acquire_unless_stopped(elector, signals)
         if stopped_by is not None:
@@ -120,7 +138,7 @@ async def _wait_and_run(
                 "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
             )
             return 128 + stopped_by
-        return await _hold_and_run(settings, namespace, elector, metrics)
+        return await _hold_and_run(settings, namespace, elector, metrics, watchdog)
 
 
 async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int]) -> int | None:
@@ -150,10 +168,12 @@ async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int])
 
 
 async def _hold_and_run(
-    settings: Settings, namespace: str, elector: Elector, metrics: Metrics | None
+    settings: Settings,
+    namespace: str,
+    elector: Elector,
+    metrics: Metrics | None,
+    watchdog: Watchdog | None,
 ) -> int:
-    from ._lock import safety_deadline
-
     assert elector.fencing_token is not None
     env = dict(os.environ)
     env.update(
@@ -180,23 +200,39 @@ async def _hold_and_run(
                         settings.command,
                         env,
                         grace_period=settings.grace_period,
-                        hard_deadline=lambda: safety_deadline(
-                            elector.held_until, settings.timing.lease_duration
-                        ),
+                        hard_deadline=lambda: _hard_deadline(settings, elector),
+                        watchdog=watchdog,
                     )
                     logger.info("the command exited with status %d", status)
                 except CannotRun as error:
                     failure = error
             nursery.cancel_scope.cancel()
+        if not lost and trio.current_time() >= _hard_deadline(settings, elector):
+            # Stopped or starved past the deadline: the watchdog killed the command then.
+            lost.append("kubelock was not running at the lease's safety deadline")
+            elector.abandon(lost[0] + "; nothing more is written")
     finally:
         await elector.release()
     if failure is not None:
         raise failure
+    if elector.lost_reason is not None and not lost:
+        lost.append(elector.lost_reason)  # found out only when releasing
     if lost:
         logger.error(
             "lost the lock (%s): the command was stopped; exiting %d", lost[0], EXIT_LEASE_LOST
         )
         status = EXIT_LEASE_LOST
+    elif elector.release_refused is not None:
+        logger.error("%s", elector.release_refused)
+        if status == 0:  # the run did not end cleanly: say so, unless the command did
+            status = elector.release_refused.exit_code
     if metrics is not None:
         metrics.child_exited(status)
     return status
+
+
+def _hard_deadline(settings: Settings, elector: Elector) -> float:
+    """When the command must be dead: the lease's safety deadline."""
+    from ._lock import safety_deadline
+
+    return safety_deadline(elector.held_until, settings.timing.lease_duration)
