@@ -7,6 +7,7 @@ before anything is written to the cluster.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Literal
 
@@ -31,6 +32,10 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
+#: Go's time.Duration is an int64 count of nanoseconds: nothing longer parses there.
+MAX_DURATION = (2**63 - 1) / 1e9
+#: leaseDurationSeconds is an int32 in every lock kind's record.
+MAX_LEASE_SECONDS = 2**31 - 1
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
@@ -58,6 +63,10 @@ def parse_duration(text: str) -> float:
             )
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
+    if total > MAX_DURATION:
+        raise ValueError(
+            f"invalid duration {text!r}: out of range (at most {format_duration(MAX_DURATION)})"
+        )
     return sign * total
 
 
@@ -94,7 +103,18 @@ class ElectionTiming:
 
 
 def validate_timing(lease_duration: float, renew_deadline: float, retry_period: float) -> None:
-    """client-go's rule: lease-duration > renew-deadline > 1.2 x retry-period > 0."""
+    """client-go's rule: lease-duration > renew-deadline > 1.2 x retry-period > 0.
+
+    Also what the lock records can hold: a finite lease of at most
+    :data:`MAX_LEASE_SECONDS` (an int32 on the API server).
+    """
+    for flag, value in (
+        ("--lease-duration", lease_duration),
+        ("--renew-deadline", renew_deadline),
+        ("--retry-period", retry_period),
+    ):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite duration (got {value})")
     if retry_period <= 0:
         raise UsageError(
             f"--retry-period must be greater than zero (got {format_duration(retry_period)})"
@@ -115,6 +135,12 @@ def validate_timing(lease_duration: float, renew_deadline: float, retry_period: 
         raise UsageError(
             f"--lease-duration ({format_duration(lease_duration)}) must be at least 1s: "
             "Kubernetes stores it in whole seconds"
+        )
+    if math.ceil(lease_duration) > MAX_LEASE_SECONDS:
+        raise UsageError(
+            f"--lease-duration ({format_duration(lease_duration)}) must be at most "
+            f"{format_duration(MAX_LEASE_SECONDS)}: Kubernetes stores it as a 32-bit "
+            "number of seconds"
         )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kubelock.errors import EXIT_ERROR, EXIT_LEASE_LOST, EXIT_NOT_FOUND
+from kubelock.errors import EXIT_ERROR, EXIT_LEASE_LOST, EXIT_NOT_FOUND, EXIT_USAGE
 from kubelock.testing import ControlPlane, IdentityFactory, InClusterFactory
 
 from .kubelock_proc import (
@@ -416,6 +416,8 @@ def test_in_cluster_it_finds_its_namespace_and_runs(
         (["--lease-duration", "fifteen", "true"], "duration"),
         (["--lease-duration", "10s", "--renew-deadline", "10s", "true"], "--lease-duration"),
         (["--renew-deadline", "2s", "--retry-period", "2s", "true"], "--renew-deadline"),
+        (["--lease-duration", "99999999999h", "true"], "out of range"),
+        (["--lease-duration", "800000h", "true"], "32-bit number of seconds"),
         (["--name", "Bad_Name", "true"], "lock name"),
         (["--namespace", "Bad_NS", "true"], "namespace"),
         (["--lock-type", "secrets", "true"], "lock type"),
@@ -431,6 +433,28 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert lease_names(admin, namespace) == []
+
+
+def test_a_request_the_api_server_rejects_exits_2_at_once_naming_it(
+    kubeconfig: Path, namespace: str, admin: httpx.Client
+) -> None:
+    # Annotations may hold 256 KiB in all: this ConfigMap leaves no room for the lock's.
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    crowded = {"filler": "x" * (256 * 1024 - 100)}
+    admin.post(
+        path, json={"metadata": {"name": "crowded", "annotations": crowded}}
+    ).raise_for_status()
+    before = admin.get(f"{path}/crowded").json()["metadata"]["resourceVersion"]
+    result = run(
+        ["--kubeconfig", str(kubeconfig), "--lock-type", "configmaps", "--name", "crowded", "true"],
+        timeout=60,  # retrying, as it did, never ends
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "cannot " in line]
+    assert len(errors) == 1, result.stderr
+    assert f'cannot update configmaps "crowded" in namespace "{namespace}"' in errors[0]
+    assert "Too long" in errors[0]  # the server's own words, naming the field
+    assert admin.get(f"{path}/crowded").json()["metadata"]["resourceVersion"] == before
 
 
 def test_unreadable_kubeconfig_exits_2(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ The same API is exercised against the real kube-apiserver in tests/integration.
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import trio
 import trio.testing
 
 import kubelock
-from kubelock.errors import LeaseLost
+from kubelock.errors import LeaseLost, UsageError
 
 from .memstore import MemoryBackend, MemoryLock
 
@@ -102,3 +103,9 @@ def test_blocking_hold_interrupts_blocking_code_when_the_lease_is_lost() -> None
         time.sleep(60)  # a blocking call, interrupted by the signal
     # Interrupted well before the 60 s sleep ended (generous bound, not a timing claim).
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("lease_duration", [math.inf, math.nan, 2.0**31])
+def test_durations_a_lease_cannot_hold_are_refused_up_front(lease_duration: float) -> None:
+    with pytest.raises(UsageError):
+        kubelock.Lock("x", lease_duration=lease_duration)
