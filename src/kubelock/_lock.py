@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
-import socket
 import sys
 import threading
 import types
@@ -15,7 +13,7 @@ from typing import Any
 
 import trio
 
-from .election import Elector
+from .election import Elector, Held
 from .errors import EXIT_LEASE_LOST, LeaseLost
 from .events import Observer
 from .locks.base import LockStore
@@ -25,43 +23,13 @@ from .settings import (
     DEFAULT_RETRY_PERIOD,
     ElectionTiming,
     LockType,
+    default_identity,
     validate_lock_type,
     validate_name,
     validate_namespace,
 )
 
-#: How long before ``held_until`` guarded work must be gone at the latest.
-SAFETY_MARGIN = 1.0
-
-
-def default_identity() -> str:
-    """``$HOSTNAME`` (a Pod's name), else the host name, as the Go kubelock does."""
-    return os.environ.get("HOSTNAME") or socket.gethostname()
-
-
-def safety_deadline(held_until: float, lease_duration: float) -> float:
-    """When guarded work must be dead: ``held_until`` minus a margin (10% of short leases)."""
-    return held_until - min(SAFETY_MARGIN, lease_duration / 10)
-
-
-@dataclasses.dataclass
-class Held:
-    """What ``async with Lock(...) as held`` gives the body."""
-
-    name: str
-    namespace: str
-    identity: str
-    #: The lease's transition count at acquisition: it only grows, so work can
-    #: store it and refuse anything carrying an older one.
-    fencing_token: int
-    _elector: Elector = dataclasses.field(repr=False)
-    #: Why the lock was lost while the body ran (``None`` while it is held).
-    lost: str | None = None
-
-    @property
-    def held_until(self) -> float:
-        """``trio.current_time()`` before which no other contender can take the lock."""
-        return self._elector.held_until
+__all__ = ["Held", "Lock", "hold"]
 
 
 class Lock:
@@ -128,47 +96,22 @@ class Lock:
         if self._store is not None:
             yield self._store
             return
-        from .kube.api import ApiClient
-        from .kube.auth import load_config
-        from .locks import make_lock
+        from .kube.auth import load_cluster
+        from .locks import open_lock
 
-        config = load_config(self.kubeconfig, self.context)
-        namespace = self.namespace or config.namespace
-        validate_namespace(namespace)
-        async with ApiClient(config, observer=self.observer) as api:
-            yield make_lock(self.lock_type, api, self.name, namespace)
+        config, namespace = load_cluster(self.kubeconfig, self.context, self.namespace)
+        async with open_lock(
+            config, self.lock_type, self.name, namespace, observer=self.observer
+        ) as store:
+            yield store
 
     @contextlib.asynccontextmanager
     async def _hold(self) -> AsyncIterator[Held]:
         async with self._open_store() as store:
             elector = Elector(store, self.identity, self.timing, observer=self.observer)
-            token = await elector.acquire()
-            held = Held(store.name, store.namespace, self.identity, token, elector)
-            body_error: Exception | None = None
-            try:
-                async with trio.open_nursery() as nursery:
-
-                    def on_lost(reason: str) -> None:
-                        held.lost = reason
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(elector.keep_renewing, on_lost)
-                    try:
-                        yield held
-                    except Exception as error:
-                        # Re-raised below, outside the nursery, so callers see
-                        # their own exception rather than an ExceptionGroup.
-                        body_error = error
-                    nursery.cancel_scope.cancel()
-            finally:
-                await elector.release()
-            if body_error is not None:
-                raise body_error
-            held.lost = held.lost or elector.lost_reason  # past the deadline when releasing
-            if held.lost is not None:
-                raise LeaseLost(f"lost the lock {store.describe()}: {held.lost}")
-            if elector.release_refused is not None:
-                raise elector.release_refused
+            await elector.acquire()
+            async with elector.holding() as held:
+                yield held
 
 
 @contextlib.contextmanager
@@ -217,9 +160,7 @@ def hold(
             if not body_done.is_set():
                 signal.pthread_kill(main_ident, interrupt_signal)
                 if exit_at_safety_deadline:
-                    elector = state["held"]._elector
-                    deadline = safety_deadline(elector.held_until, lock.timing.lease_duration)
-                    await trio.sleep_until(deadline)
+                    await trio.sleep_until(state["held"].safety_deadline)
                     if not body_done.is_set():
                         print(
                             f"kubelock: {error}; the guarded code did not stop, exiting",

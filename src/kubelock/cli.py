@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import io
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -40,6 +39,7 @@ from .settings import (
     LOG_FORMATS,
     ElectionTiming,
     Settings,
+    default_identity,
     format_duration,
     parse_duration,
     parse_metrics_address,
@@ -370,7 +370,7 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     pushgateway = given.pushgateway or None
     return Settings(
         command=tuple(command),
-        identity=given.id if given.id is not None else _default_identity(),
+        identity=given.id if given.id is not None else default_identity(),
         name=given.name,
         namespace=given.namespace or None,
         kubeconfig=given.kubeconfig or None,
@@ -395,10 +395,6 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
             else checked("--pushgateway", validate_pushgateway, pushgateway)
         ),
     )
-
-
-def _default_identity() -> str:
-    return os.environ.get("HOSTNAME") or socket.gethostname()
 
 
 def _one_line(error: Exception) -> str:

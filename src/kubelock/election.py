@@ -28,9 +28,11 @@ exactly testable. The only I/O is through the :class:`~kubelock.locks.base.LockS
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from datetime import datetime
 
@@ -42,6 +44,7 @@ from .errors import (
     Conflict,
     Forbidden,
     Gone,
+    LeaseLost,
     NotFound,
     StatusError,
     Unauthorized,
@@ -67,17 +70,83 @@ WAITING_REPORT_INTERVAL = 30.0
 RELEASE_TIMEOUT = 5.0
 #: Errors that end waiting at once: retrying cannot fix them.
 FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
+#: How long before ``held_until`` guarded work must be gone at the latest.
+SAFETY_MARGIN = 1.0
 
 
 def _no_observer(event: Event) -> None:
     pass
 
 
+def _is_older(version: str, than: str) -> bool:
+    """True when resourceVersion ``version`` is surely older than ``than``.
+
+    Kubernetes calls resourceVersions opaque; every API server in use (etcd's
+    revision) writes them as growing integers, which is all this relies on.
+    Anything else compares as not older, so it is taken as new.
+    """
+    if not (version.isdigit() and than.isdigit()):
+        return False
+    return int(version) < int(than)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kept:
+    """A renewal landed: the lease is ours for another lease-duration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Taken:
+    """The lease is lost: somebody else holds the lock, or its object is gone."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    """A renewal attempt failed; the next one may succeed before the renew deadline."""
+
+    error: str
+
+
+_RenewOutcome = _Kept | _Taken | _Failed
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """What ``async with elector.holding() as held`` (and ``kubelock.Lock``) give the body."""
+
+    name: str
+    namespace: str
+    identity: str
+    #: The lease's transition count at acquisition: it only grows, so work can
+    #: store it and refuse anything carrying an older one.
+    fencing_token: int
+    _elector: Elector = dataclasses.field(repr=False)
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lock was lost while the body ran (``None`` while it is held)."""
+        return self._elector.lost_reason
+
+    @property
+    def held_until(self) -> float:
+        """``trio.current_time()`` before which no other contender can take the lock."""
+        return self._elector.held_until
+
+    @property
+    def safety_deadline(self) -> float:
+        """``trio.current_time()`` by which the guarded work must be gone (see the Elector's)."""
+        return self._elector.safety_deadline
+
+
 class Elector:
     """One contender for one lock.
 
-    Use :meth:`acquire`, then :meth:`keep_renewing` in a task while the work
-    runs, then :meth:`release`. :attr:`held_until` is the safety deadline.
+    Use :meth:`acquire`, then ``async with`` :meth:`holding` around the work
+    (it renews, cancels the work on loss, and releases). :attr:`held_until`
+    is when others may take over; :attr:`safety_deadline` is when the work
+    must be gone.
     """
 
     def __init__(
@@ -129,13 +198,67 @@ class Elector:
         return self._acquired_at is not None and self.lost_reason is None
 
     @property
-    def observed_record(self) -> LeaderElectionRecord | None:
-        return self._observed.record if self._observed else None
+    def safety_deadline(self) -> float:
+        """When guarded work must be dead: ``held_until`` minus a margin (10% of short leases)."""
+        return self.held_until - min(SAFETY_MARGIN, self.timing.lease_duration / 10)
 
     def held_for(self) -> float:
         if self._acquired_at is None:
             return 0.0
         return trio.current_time() - self._acquired_at
+
+    # -- holding ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def holding(self) -> AsyncIterator[Held]:
+        """Keep the acquired lock renewed while the body runs; release it when the body ends.
+
+        The one way to hold a lock, for the CLI and the Python API alike. The
+        renew loop runs in a task beside the body. When the lease is lost, the
+        body's cancel scope is cancelled at once (the body's cancellation path
+        must stop the work before :attr:`safety_deadline`), :attr:`lost_reason`
+        says why, and leaving the block raises :class:`~kubelock.errors.LeaseLost`.
+        Whatever ends the body (return, exception, outer cancellation), the
+        lock is then released, shielded and bounded (:meth:`release`). An
+        exception of the body propagates as itself, not in an ExceptionGroup,
+        and wins over the loss.
+
+        A holder that was stopped or starved (SIGSTOP, a debugger, a blocked
+        loop) past :attr:`safety_deadline` counts the lock as lost when the
+        body ends, and writes nothing more to it. A release the API refuses
+        (:attr:`release_refused`) is raised after a body that ended cleanly.
+        """
+        if not self.is_holding:
+            raise RuntimeError("holding() needs the lock to be acquired first")
+        assert self.fencing_token is not None
+        store = self.store
+        held = Held(store.name, store.namespace, self.identity, self.fencing_token, self)
+        body_error: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def on_lost(reason: str) -> None:
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(self.keep_renewing, on_lost)
+                try:
+                    yield held
+                except Exception as error:
+                    # Re-raised below, outside the nursery, so callers see their
+                    # own exception rather than an ExceptionGroup.
+                    body_error = error
+                nursery.cancel_scope.cancel()
+            if trio.current_time() >= self.safety_deadline:
+                # The work outlived the deadline (its watchdog killed it, if it has one).
+                self.abandon("kubelock was not running at the lease's safety deadline")
+        finally:
+            await self.release()
+        if body_error is not None:
+            raise body_error
+        if self.lost_reason is not None:
+            raise LeaseLost(f"lost the lock {store.describe()}: {self.lost_reason}")
+        if self.release_refused is not None:
+            raise self.release_refused
 
     # -- acquire --------------------------------------------------------------
 
@@ -144,9 +267,8 @@ class Elector:
 
         Cancellation (a signal while waiting) stops waiting at once; a write
         is only ever in flight when the lock looked free or expired.
-        ``Forbidden``/``Unauthorized``/``BadRequest`` end the wait with that
-        error (nothing retrying could fix); other API errors are reported and
-        retried.
+        ``Forbidden``/``Unauthorized``/``BadRequest`` end the wait with that error (nothing
+        retrying could fix); other API errors are reported and retried.
         """
         self._started = trio.current_time()
         fatal: ApiError | None = None
@@ -172,7 +294,7 @@ class Elector:
         watching = False
         while True:
             try:
-                if await self._try_acquire_or_renew(use_watched=True):
+                if await self._try_acquire():
                     return
             except FATAL_ERRORS:
                 raise
@@ -261,22 +383,27 @@ class Elector:
             else:
                 quick_closes = 0
 
-    def _observe(self, observed: Observed) -> None:
-        """Remember a record; restart the expiry clock only when the record changed."""
-        if self._observed is None or observed.record != self._observed.record:
+    def _observe(self, observed: Observed) -> Observed:
+        """Remember a record unless a newer one is known; return the newest.
+
+        The expiry clock restarts only when the record changed. A GET's answer
+        may be older than what the watch delivered while it was in flight: it
+        never replaces the newer record.
+        """
+        known = self._observed
+        if known is not None and _is_older(observed.resource_version, known.resource_version):
+            return known
+        if known is None or observed.record != known.record:
             self._observed_time = trio.current_time()
         self._observed = observed
+        return observed
 
-    async def _try_acquire_or_renew(self, *, use_watched: bool = False) -> bool:
-        """One step of client-go's ``tryAcquireOrRenew``. True when we hold the lock."""
-        now_wall = self._wall_clock()
-        mine = LeaderElectionRecord(
-            holder_identity=self.identity,
-            lease_duration_seconds=math.ceil(self.timing.lease_duration),
-            acquire_time=now_wall,
-            renew_time=now_wall,
-            leader_transitions=0,
-        )
+    async def _try_acquire(self) -> bool:
+        """One acquisition attempt (client-go's ``tryAcquireOrRenew`` while not holding).
+
+        True when this contender now holds the lock; False when it is held by
+        somebody else, or somebody else's write won.
+        """
         # A change delivered by the watch saves a GET: act on it directly. So does a
         # watch that delivered within a poll interval (the holder's renewals): the
         # poll only runs when the watch has gone quiet, or is down.
@@ -284,22 +411,24 @@ class Elector:
             trio.current_time() - self._last_watch_event
             <= self.timing.retry_period * (1 + JITTER_FACTOR)
         )
-        if use_watched and watch_is_fresh and self._observed is not None:
+        # Cleared before reading: a change the watch delivers while the GET is in
+        # flight sets it again, so no wake-up is lost.
+        self._changed = trio.Event()
+        if watch_is_fresh and self._observed is not None:
             current: Observed | None = self._observed
         else:
             current = await self.store.get()
-        self._changed = trio.Event()
 
         if current is None:
             sent = trio.current_time()
             try:
-                created = await self.store.create(mine)
+                created = await self.store.create(self._record(self.identity, transitions=0))
             except Conflict:  # AlreadyExists: somebody else was first
                 return False
             self._took(created, sent)
             return True
 
-        self._observe(current)
+        current = self._observe(current)
         old = current.record
         expiry = self._expiry()
         if old.is_held and expiry is not None and trio.current_time() < expiry:
@@ -317,25 +446,41 @@ class Elector:
                 )
             return False
 
-        record = LeaderElectionRecord(
-            holder_identity=self.identity,
-            lease_duration_seconds=mine.lease_duration_seconds,
-            acquire_time=now_wall,
-            renew_time=now_wall,
-            leader_transitions=old.leader_transitions + 1,
-        )
+        record = self._record(self.identity, transitions=old.leader_transitions + 1)
         sent = trio.current_time()
         try:
             updated = await self.store.update(record, current)
         except Conflict:
-            # Somebody wrote first: forget the stale copy so the next step re-reads.
-            self._changed = trio.Event()
+            # Somebody else wrote first: never overwrite. Their record arrives
+            # through the watch (which wakes the loop) or the next poll.
             return False
         except NotFound:
             self._observed = None
             return False
         self._took(updated, sent)
         return True
+
+    def _record(
+        self,
+        holder: str,
+        *,
+        transitions: int,
+        acquired: datetime | None = None,
+        lease_duration_seconds: int | None = None,
+    ) -> LeaderElectionRecord:
+        """A record to write now: renewed now, acquired at ``acquired`` (default: now)."""
+        now = self._wall_clock()
+        return LeaderElectionRecord(
+            holder_identity=holder,
+            lease_duration_seconds=(
+                math.ceil(self.timing.lease_duration)
+                if lease_duration_seconds is None
+                else lease_duration_seconds
+            ),
+            acquire_time=now if acquired is None else acquired,
+            renew_time=now,
+            leader_transitions=transitions,
+        )
 
     def _is_ours(self, record: LeaderElectionRecord) -> bool:
         """True when ``record`` is this process's acquisition (identity and acquire time)."""
@@ -386,21 +531,20 @@ class Elector:
             attempt_started = trio.current_time()
             if attempt_started >= deadline:
                 return self._deadline_reason()
-            outcome: str | None = "timeout"
+            outcome: _RenewOutcome = _Failed("timed out")
             with trio.move_on_at(deadline):
                 outcome = await self._renew_once()
-            if outcome == "renewed":
-                self._emit(Renewed(duration=trio.current_time() - attempt_started))
-                next_attempt = self._last_renew_sent + self.timing.retry_period
-                continue
-            if outcome is not None and outcome.startswith("lost:"):
-                return outcome.removeprefix("lost:")
-            self._emit(
-                RenewFailed(
-                    error=outcome or "timed out",
-                    duration=trio.current_time() - attempt_started,
-                )
-            )
+            match outcome:
+                case _Kept():
+                    self._emit(Renewed(duration=trio.current_time() - attempt_started))
+                    next_attempt = self._last_renew_sent + self.timing.retry_period
+                    continue
+                case _Taken(reason=reason):
+                    return reason
+                case _Failed(error=error):
+                    self._emit(
+                        RenewFailed(error=error, duration=trio.current_time() - attempt_started)
+                    )
             if trio.current_time() >= deadline:
                 return self._deadline_reason()
             next_attempt = min(trio.current_time() + self.timing.retry_period, deadline)
@@ -408,18 +552,15 @@ class Elector:
     def _deadline_reason(self) -> str:
         return f"no renewal succeeded within the renew deadline ({self.timing.renew_deadline:g}s)"
 
-    async def _renew_once(self) -> str:
-        """One renewal: ``renewed``, ``lost:<why>``, or the error text of a failed attempt."""
+    async def _renew_once(self) -> _RenewOutcome:
+        """One renewal: kept, taken from us (the lease is lost), or failed (retry)."""
         current = self._observed
         assert current is not None
         while True:
-            now_wall = self._wall_clock()
-            record = LeaderElectionRecord(
-                holder_identity=self.identity,
-                lease_duration_seconds=math.ceil(self.timing.lease_duration),
-                acquire_time=current.record.acquire_time,
-                renew_time=now_wall,
-                leader_transitions=current.record.leader_transitions,
+            record = self._record(
+                self.identity,
+                acquired=current.record.acquire_time,
+                transitions=current.record.leader_transitions,
             )
             sent = trio.current_time()
             try:
@@ -429,9 +570,9 @@ class Elector:
                 try:
                     fresh = await self.store.get()
                 except ApiError as error:
-                    return str(error)
+                    return _Failed(str(error))
                 if fresh is None:
-                    return "lost:the lock object was deleted"
+                    return _Taken("the lock object was deleted")
                 if not self._is_ours(fresh.record):
                     holder = (
                         repr(fresh.record.holder_identity) if fresh.record.is_held else "nobody"
@@ -439,32 +580,24 @@ class Elector:
                     if fresh.record.holder_identity == self.identity:
                         holder = "another process with the same identity"
                     self._observe(fresh)
-                    return f"lost:the lock was taken over by {holder}"
+                    return _Taken(f"the lock was taken over by {holder}")
                 current = fresh
                 continue
             except NotFound:
-                return "lost:the lock object was deleted"
+                return _Taken("the lock object was deleted")
             except ApiError as error:
-                return str(error)
+                return _Failed(str(error))
             self._wrote(updated, sent)
-            return "renewed"
+            return _Kept()
 
     # -- giving up ------------------------------------------------------------
-
-    def past_deadline(self) -> bool:
-        """True once ``held_until`` has passed: another contender may hold the lock now.
-
-        Renewals stop before then by themselves; this is for a holder that was
-        stopped or starved (SIGSTOP, a debugger) and has just resumed.
-        """
-        return trio.current_time() >= self.held_until
 
     def abandon(self, reason: str) -> None:
         """Count the lock as lost without writing anything more to it. Not a checkpoint."""
         if not self.is_holding:
             return
-        self.lost_reason = reason
-        self._emit(Lost(reason=reason, held=self.held_for()))
+        self.lost_reason = f"{reason}; others may hold it now, so nothing more is written"
+        self._emit(Lost(reason=self.lost_reason, held=self.held_for()))
 
     # -- release --------------------------------------------------------------
 
@@ -475,16 +608,13 @@ class Elector:
         cannot be reached, kubelock exits anyway and the lease expires. When the
         API refuses (403, 401, 400), :attr:`release_refused` holds the error.
         Does nothing when the lock is not held (never acquired, or lost), and
-        writes nothing once ``held_until`` has passed (see :meth:`past_deadline`):
-        the lock is then counted as lost.
+        writes nothing once ``held_until`` has passed (a holder that was stopped
+        or starved): the lock then counts as lost (:meth:`abandon`).
         """
         if not self.is_holding:
             return False
-        if self.past_deadline():
-            self.abandon(
-                "kubelock was not running at the lease's deadline (stopped or starved); "
-                "others may hold the lock now, so nothing more is written"
-            )
+        if trio.current_time() >= self.held_until:
+            self.abandon("kubelock was not running at the lease's deadline")
             return False
         held = self.held_for()
         written = False
@@ -498,15 +628,10 @@ class Elector:
         current = self._observed
         assert current is not None
         for _ in range(3):
-            now_wall = self._wall_clock()
             # As client-go does: empty holder, and a 1 s duration for old clients
             # that do not treat an empty holder as free.
-            record = LeaderElectionRecord(
-                holder_identity="",
-                lease_duration_seconds=1,
-                acquire_time=now_wall,
-                renew_time=now_wall,
-                leader_transitions=current.record.leader_transitions,
+            record = self._record(
+                "", transitions=current.record.leader_transitions, lease_duration_seconds=1
             )
             try:
                 self._observed = await self.store.update(record, current)

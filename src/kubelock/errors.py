@@ -25,15 +25,14 @@ then the server's own words. Credentials never appear in them.
 
 from __future__ import annotations
 
-#: The command ran; kubelock passes its status through. Listed here so that
-#: every code kubelock can return is named in one place.
+# The codes kubelock chooses itself. Otherwise the command's status is passed
+# through, and a signal N that stops kubelock (or kills the command) is 128+N.
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the work was interrupted; a retry is welcome
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
+EXIT_SIGTERM = 143  # 128 + SIGTERM, the usual way a stopped command ends
 
 
 class KubelockError(Exception):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import socket
 from typing import Literal
 
 from .errors import UsageError
@@ -217,6 +219,11 @@ def validate_pushgateway(url: str) -> str:
             f"invalid pushgateway URL {url!r}: use http://HOST:PORT or https://HOST:PORT"
         )
     return url.rstrip("/")
+
+
+def default_identity() -> str:
+    """``$HOSTNAME`` (a Pod's name), else the host name, as the Go kubelock does."""
+    return os.environ.get("HOSTNAME") or socket.gethostname()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

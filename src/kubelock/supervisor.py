@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from .election import Elector
-from .errors import EXIT_LEASE_LOST, KubelockError
+from .errors import EXIT_LEASE_LOST, KubelockError, LeaseLost, StatusError
 from .events import Acquired, Event, Observer, Renewed
-from .process import FORWARDED_SIGNALS, CannotRun, run_child
-from .settings import Settings, validate_namespace
+from .process import FORWARDED_SIGNALS, run_child
+from .settings import Settings
 
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
@@ -58,12 +58,10 @@ def run(settings: Settings) -> int:
 
 
 async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int:
-    from .kube.auth import load_config
+    from .kube.auth import load_cluster
     from .log import log_event
 
-    config = load_config(settings.kubeconfig, settings.context)
-    namespace = settings.namespace or config.namespace
-    validate_namespace(namespace)
+    config, namespace = load_cluster(settings.kubeconfig, settings.context, settings.namespace)
 
     observers: list[Observer] = [log_event]
     metrics = None
@@ -120,16 +118,16 @@ async def _wait_and_run(
     signals: AsyncIterator[int],
     watchdog: Watchdog | None,
 ) -> int:
-    from .kube.api import ApiClient
-    from .locks import make_lock
+    from .locks import open_lock
 
     def observe_and_guard(event: Event) -> None:
         observe(event)
         if watchdog is not None and isinstance(event, Acquired | Renewed):
-            watchdog.set_deadline(_hard_deadline(settings, elector))
+            watchdog.set_deadline(elector.safety_deadline)  # each move of the deadline
 
-    async with ApiClient(config, observer=observe) as api:
-        store = make_lock(settings.lock_type, api, settings.name, namespace)
+    async with open_lock(
+        config, settings.lock_type, settings.name, namespace, observer=observe
+    ) as store:
         elector = Elector(store, settings.identity, settings.timing, observer=observe_and_guard)
         logger.info("taking the lock %s as %s", store.describe(), settings.identity)
         stopped_by = await _acquire_unless_stopped(elector, signals)
@@ -182,57 +180,30 @@ async def _hold_and_run(
         KUBELOCK_IDENTITY=settings.identity,
         KUBELOCK_FENCING_TOKEN=str(elector.fencing_token),
     )
-    lost: list[str] = []
-    failure: KubelockError | None = None
     status = 0
     try:
-        async with trio.open_nursery() as nursery:
-            child_scope = trio.CancelScope()
-
-            def on_lost(reason: str) -> None:
-                lost.append(reason)
-                child_scope.cancel()
-
-            nursery.start_soon(elector.keep_renewing, on_lost)
-            with child_scope:
-                try:
-                    status = await run_child(
-                        settings.command,
-                        env,
-                        grace_period=settings.grace_period,
-                        hard_deadline=lambda: _hard_deadline(settings, elector),
-                        watchdog=watchdog,
-                    )
-                    logger.info("the command exited with status %d", status)
-                except CannotRun as error:
-                    failure = error
-            nursery.cancel_scope.cancel()
-        if not lost and trio.current_time() >= _hard_deadline(settings, elector):
-            # Stopped or starved past the deadline: the watchdog killed the command then.
-            lost.append("kubelock was not running at the lease's safety deadline")
-            elector.abandon(lost[0] + "; nothing more is written")
-    finally:
-        await elector.release()
-    if failure is not None:
-        raise failure
-    if elector.lost_reason is not None and not lost:
-        lost.append(elector.lost_reason)  # found out only when releasing
-    if lost:
+        async with elector.holding() as held:
+            status = await run_child(
+                settings.command,
+                env,
+                grace_period=settings.grace_period,
+                hard_deadline=lambda: held.safety_deadline,
+                watchdog=watchdog,
+            )
+            logger.info("the command exited with status %d", status)
+    except StatusError as refused:  # the release was refused: the run did not end cleanly
+        if refused is not elector.release_refused:
+            raise
+        logger.error("%s", refused)
+        if status == 0:
+            status = refused.exit_code
+    except LeaseLost:
         logger.error(
-            "lost the lock (%s): the command was stopped; exiting %d", lost[0], EXIT_LEASE_LOST
+            "lost the lock (%s): the command was stopped; exiting %d",
+            elector.lost_reason,
+            EXIT_LEASE_LOST,
         )
         status = EXIT_LEASE_LOST
-    elif elector.release_refused is not None:
-        logger.error("%s", elector.release_refused)
-        if status == 0:  # the run did not end cleanly: say so, unless the command did
-            status = elector.release_refused.exit_code
     if metrics is not None:
         metrics.child_exited(status)
     return status
-
-
-def _hard_deadline(settings: Settings, elector: Elector) -> float:
-    """When the command must be dead: the lease's safety deadline."""
-    from ._lock import safety_deadline
-
-    return safety_deadline(elector.held_until, settings.timing.lease_duration)

@@ -75,6 +75,7 @@ class MemoryLock:
         self.view = view
         self.name = name
         self.latency = 0.0
+        self.get_answer_latency = 0.0  # a GET reads at once, and its answer takes this long
         self.partitioned = False  # requests fail at once, as with connection refused
         self.hanging = False  # requests never answer (until cancelled)
         self.watch_forbidden = False
@@ -95,7 +96,10 @@ class MemoryLock:
 
     async def get(self) -> Observed | None:
         await self._request("get")
-        return self.backend.current
+        current = self.backend.current
+        if self.get_answer_latency:
+            await trio.sleep(self.get_answer_latency)
+        return current
 
     async def create(self, record: LeaderElectionRecord) -> Observed:
         await self._request("create")

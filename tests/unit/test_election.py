@@ -15,6 +15,7 @@ import trio.testing
 from kubelock import events
 from kubelock.election import Elector
 from kubelock.errors import BadRequest, Forbidden
+from kubelock.locks.base import Observed
 from kubelock.locks.record import LeaderElectionRecord
 from kubelock.settings import ElectionTiming
 
@@ -127,6 +128,45 @@ async def test_release_is_seen_through_the_watch_not_the_poll(
     # One update, no GET: the watch delivered the released record.
     assert store.requests.count("get") == gets_before
     assert trio.current_time() == pytest.approx(5)
+
+
+async def test_a_release_watched_during_a_poll_is_not_lost_to_the_older_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The watch delivers the release while a GET is in flight; the GET then answers
+    with the record it read before the release. The waiter must act on the newer,
+    watched record at once, not wait for its next poll."""
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()  # and a never renews, so b's watch goes quiet and b polls
+    b = contender(backend, "b")
+    store = b.store
+    assert isinstance(store, MemoryLock)
+    acquired_at: list[float] = []
+
+    async def wait_b() -> None:
+        await b.acquire()
+        acquired_at.append(trio.current_time())
+
+    polled = trio.Event()
+    read = store.get
+
+    async def slow_get() -> Observed | None:
+        polled.set()
+        return await read()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_b)
+        await trio.sleep(1)  # b read the lock and watches it
+        store.get_answer_latency = 1.0
+        store.get = slow_get  # type: ignore[method-assign]
+        await polled.wait()  # the first poll after the watch went quiet
+        poll_started = trio.current_time()
+        await trio.sleep(0.5)
+        await a.release()  # lands while b's GET is in flight
+    # b acts when its GET returns, not at its next poll, a retry-period or more later.
+    assert acquired_at == [pytest.approx(poll_started + 1.0)]
+    assert backend.history[-1].by == "b"
 
 
 async def test_without_watch_a_waiter_polls_every_retry_period_with_jitter(
@@ -310,7 +350,7 @@ async def test_a_holder_resumed_past_its_deadline_writes_nothing(
     await a.acquire()
     writes = len(backend.history)
     autojump_clock.jump(TIMING.lease_duration)  # frozen: no renewal ran meanwhile
-    assert a.past_deadline()
+    assert trio.current_time() >= a.held_until
     assert await a.release() is False
     assert len(backend.history) == writes
     assert a.lost_reason is not None

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError
+from ..settings import validate_namespace
 
 #: Where a Pod finds its ServiceAccount token, CA bundle and namespace.
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -234,6 +235,17 @@ def load_config(kubeconfig: str | None = None, context: str | None = None) -> Cl
         "KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not set (not in a Pod) "
         f"and {default} does not exist; pass --kubeconfig, set KUBECONFIG, or run in a Pod"
     )
+
+
+def load_cluster(
+    kubeconfig: str | None, context: str | None, namespace: str | None
+) -> tuple[ClusterConfig, str]:
+    """The configuration (:func:`load_config`) and the lock's namespace: ``namespace``, else
+    the kubeconfig context's or the Pod's. A bad namespace is a ``UsageError``."""
+    config = load_config(kubeconfig, context)
+    namespace = namespace or config.namespace
+    validate_namespace(namespace)
+    return config, namespace
 
 
 # -- in-cluster ---------------------------------------------------------------

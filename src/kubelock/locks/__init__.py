@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from ..errors import UsageError
+from ..events import Observer
 from ..kube.api import ApiClient
+from ..kube.auth import ClusterConfig
 from .annotation import ConfigMapLock, EndpointsLock
 from .base import LockStore, Observed
 from .lease import ApiLock, LeaseLock
@@ -19,6 +24,7 @@ __all__ = [
     "LockStore",
     "Observed",
     "make_lock",
+    "open_lock",
 ]
 
 _KINDS: dict[str, type[ApiLock]] = {
@@ -39,3 +45,17 @@ def make_lock(
             f"invalid lock type {lock_type!r}: use one of {', '.join(_KINDS)}"
         ) from None
     return kind(api, name, namespace, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def open_lock(
+    config: ClusterConfig,
+    lock_type: str,
+    name: str,
+    namespace: str,
+    *,
+    observer: Observer | None = None,
+) -> AsyncIterator[LockStore]:
+    """The lock ``name`` on the API server of ``config``; its connections close on exit."""
+    async with ApiClient(config, observer=observer) as api:
+        yield make_lock(lock_type, api, name, namespace)
