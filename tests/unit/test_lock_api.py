@@ -87,7 +87,7 @@ def test_blocking_hold_interrupts_blocking_code_when_the_lease_is_lost() -> None
     """Real time: a 3 s lease, renew deadline 2 s; the partition starts at once."""
     backend = MemoryBackend()
     store = MemoryLock(backend, "a")
-    started = time.monotonic()
+    body_completed = False
     with (
         pytest.raises(LeaseLost),
         kubelock.hold(
@@ -101,8 +101,8 @@ def test_blocking_hold_interrupts_blocking_code_when_the_lease_is_lost() -> None
     ):
         store.partitioned = True
         time.sleep(60)  # a blocking call, interrupted by the signal
-    # Interrupted well before the 60 s sleep ended (generous bound, not a timing claim).
-    assert time.monotonic() - started < 30
+        body_completed = True
+    assert not body_completed  # LeaseLost was raised inside the body, not at its end
 
 
 @pytest.mark.parametrize("lease_duration", [math.inf, math.nan, 2.0**31])
