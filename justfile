@@ -39,10 +39,11 @@ minikube:
     kubectl apply -k examples/init-container
     kubectl -n kubelock-example rollout status deployment/example-app --timeout=5m
 
-# hand-off latency, a waiting contender's request rate, start-up cost
+# hand-off latency, a waiting contender's request rate, start-up cost, the watchdog's cost and speed
 bench:
     uv run python -m benchmarks.handoff
     uv run python -m benchmarks.startup
+    uv run python -m benchmarks.safety
 
 # what the suite needs besides Python packages and the Go-built control plane
 test-tools:
