@@ -64,8 +64,9 @@ Every option can also be set by the environment variable shown beside it."""
 _EPILOGUE = """\
 Exit status:
   the command's own      it ran (128+N when killed by signal N)
-  1                      the lock could not be taken (for example RBAC denied it)
-  2                      bad usage or configuration; nothing was written
+  1                      the lock could not be taken or given back (RBAC denied it)
+  2                      bad usage or configuration, or a request the API server
+                         rejected as invalid; nothing was written
   75                     the lock was lost while the command ran; it was stopped
   126, 127               the command could not be run, or was not found
   130, 143               interrupted (SIGINT, SIGTERM) while waiting for the lock"""
