@@ -28,7 +28,7 @@ import cyclopts
 from cyclopts import App, Parameter
 
 from ._version import __version__
-from .errors import KubelockError, UsageError
+from .errors import KubelockError, UsageError, one_line
 from .settings import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_LEASE_DURATION,
@@ -338,7 +338,7 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     try:
         given = _APP(option_words)
     except cyclopts.CycloptsError as error:
-        raise UsageError(f"{_one_line(error)}; see kubelock --help") from None
+        raise UsageError(f"{_usage_message(error)}; see kubelock --help") from None
     if not isinstance(given, _Options):
         return None  # --help or --version, already printed
     if not command:
@@ -398,8 +398,9 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     )
 
 
-def _one_line(error: Exception) -> str:
-    text = " ".join(str(error).split()).rstrip(".")
+def _usage_message(error: Exception) -> str:
+    """cyclopts' message, as one line that continues a sentence."""
+    text = one_line(str(error)).rstrip(".")
     return text[:1].lower() + text[1:]
 
 

@@ -129,3 +129,8 @@ class LeaseLost(KubelockError):
     """The lock was lost while the guarded work ran; the work was stopped."""
 
     exit_code = EXIT_LEASE_LOST
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space: a message's form."""
+    return " ".join(text.split())

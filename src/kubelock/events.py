@@ -1,7 +1,8 @@
-"""What the election reports to observers, so logging and metrics hang off one place.
+"""What the election, the API client and the child report to observers, so
+logging and metrics hang off one place.
 
 An observer is a plain callable taking one event; it runs synchronously in
-the election's task and must not block (no I/O beyond a log line).
+the reporting task and must not block (no I/O beyond a log line).
 """
 
 from __future__ import annotations
@@ -84,5 +85,15 @@ class ChildExited:
     ran: float  # seconds from start to exit
 
 
-Event = Waiting | WaitFailed | Acquired | Renewed | RenewFailed | Lost | Released | ApiRequest
+Event = (
+    Waiting
+    | WaitFailed
+    | Acquired
+    | Renewed
+    | RenewFailed
+    | Lost
+    | Released
+    | ApiRequest
+    | ChildExited
+)
 Observer = Callable[[Event], None]

@@ -52,6 +52,9 @@ def setup_logging(
     logger.addHandler(_handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    # The metrics endpoint's server (hypercorn) says "Running on ..." and the
+    # like: chatter for kubelock's users. Only its warnings and errors get through.
+    logging.getLogger("kubelock.http").setLevel(logging.WARNING)
 
 
 def report_error(message: str) -> None:
@@ -62,7 +65,7 @@ def report_error(message: str) -> None:
         print(f"kubelock: {message}", file=sys.stderr, flush=True)
 
 
-def log_event(event: Event | ChildExited) -> None:
+def log_event(event: Event) -> None:
     """Log one election event (or the child's exit) as a line for people. An :data:`Observer`."""
     level, message = _describe(event)
     fields = {
@@ -73,7 +76,7 @@ def log_event(event: Event | ChildExited) -> None:
     )
 
 
-def _describe(event: Event | ChildExited) -> tuple[int, str]:
+def _describe(event: Event) -> tuple[int, str]:
     match event:
         case Waiting(holder=holder, since=since, waited=waited):
             held = f"held by {holder!r}" if holder else "held by somebody else"

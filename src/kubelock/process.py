@@ -15,8 +15,13 @@ kubelock runs exactly one command (the *child*) per run:
   first, in a shielded scope, returning only once the child is reaped. Any
   member of the group still alive after the child exits gets SIGKILL too:
   nothing the command started may outlive the lock.
-- As PID 1 (a container entrypoint) :func:`reap_orphans` reaps orphaned
-  grandchildren without ever touching the child's own status.
+- As PID 1 (a container entrypoint) :func:`run_child` also reaps orphaned
+  grandchildren (:mod:`kubelock.reaper`) without ever touching the child's
+  own status.
+- The kill policy (``grace_period``, and ``hard_deadline``, a callable read
+  when needed) is given once, to :meth:`Child.start` or :func:`run_child`.
+- When the child is reaped, a :class:`~kubelock.events.ChildExited` goes to
+  the observer (logging and metrics hang off it).
 
 The group is only signalled while the child is unreaped (running, or a zombie
 that holds the group id), so a recycled PID can never be hit. On Linux this
@@ -27,12 +32,10 @@ there is none, the group is not signalled once the child has exited.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
@@ -40,11 +43,22 @@ from typing import TYPE_CHECKING
 import trio
 
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, KubelockError
-from .events import ChildExited
+from .events import ChildExited, Observer
+from .reaper import is_init, outer_process_is_init, reap_orphans, registry
 from .settings import DEFAULT_GRACE_PERIOD
 
 if TYPE_CHECKING:
     from .watchdog import Watchdog
+
+__all__ = [
+    "FORWARDED_SIGNALS",
+    "CannotRun",
+    "Child",
+    "HardDeadline",
+    "exit_status",
+    "forward_signals",
+    "run_child",
+]
 
 logger = logging.getLogger("kubelock")
 
@@ -85,24 +99,13 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-class _Registry:
-    """Which PIDs are ours to wait for, so the orphan reaper leaves them alone."""
-
-    def __init__(self) -> None:
-        self.children: set[int] = set()
-        self.spawning = 0  # a spawn in flight: its PID is not known yet
-
-
-_registry = _Registry()
-
-
 class Child:
     """One running command, leading its own process group. Create it with :meth:`start`.
 
-    ``grace_period`` and ``hard_deadline`` are what :meth:`wait`'s
-    cancellation path hands to :meth:`terminate`; ``hard_deadline`` is a
-    callable so that each renewal of the lease moves the deadline without
-    telling the child.
+    ``grace_period`` and ``hard_deadline`` are the kill policy of
+    :meth:`terminate` (also on :meth:`wait`'s cancellation path);
+    ``hard_deadline`` is a callable so that each renewal of the lease moves
+    the deadline without telling the child.
     """
 
     def __init__(
@@ -112,12 +115,14 @@ class Child:
         *,
         grace_period: float,
         hard_deadline: HardDeadline | None,
+        observer: Observer | None,
         watchdog: Watchdog | None = None,
     ) -> None:
         self.argv = argv
         self.pid = process.pid
         self.grace_period = grace_period
         self.hard_deadline: HardDeadline = hard_deadline or (lambda: None)
+        self._observer = observer
         self._process = process
         self._watchdog = watchdog
         self._started_at = trio.current_time()
@@ -137,10 +142,12 @@ class Child:
         *,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         hard_deadline: HardDeadline | None = None,
+        observer: Observer | None = None,
         watchdog: Watchdog | None = None,
     ) -> Child:
         """Spawn ``argv`` (searched on ``env``'s PATH) in a new process group.
 
+        ``observer`` is told :class:`~kubelock.events.ChildExited` once it is reaped.
         ``watchdog`` guards the new group from the moment it exists until the
         child is reaped (see :mod:`kubelock.watchdog`).
 
@@ -151,7 +158,7 @@ class Child:
         """
         if not argv:
             raise ValueError("argv must name a command")
-        _registry.spawning += 1
+        registry.spawning += 1
         try:
             process = await trio.lowlevel.open_process(
                 list(argv),
@@ -162,17 +169,18 @@ class Child:
         except OSError as error:
             raise CannotRun(argv[0], error) from None
         else:
-            _registry.children.add(process.pid)
+            registry.children.add(process.pid)
             if watchdog is not None:
                 watchdog.guard(process.pid)
         finally:
-            _registry.spawning -= 1
+            registry.spawning -= 1
         logger.debug("started %r as PID %d", argv[0], process.pid)
         child = cls(
             process,
             tuple(argv),
             grace_period=grace_period,
             hard_deadline=hard_deadline,
+            observer=observer,
             watchdog=watchdog,
         )
         child._hand_terminal()
@@ -213,11 +221,6 @@ class Child:
         """The exit status once the child is reaped (by :meth:`wait` or :meth:`terminate`)."""
         return None if self._exited is None else self._exited.status
 
-    @property
-    def exited(self) -> ChildExited | None:
-        """How the child ended, once it is reaped."""
-        return self._exited
-
     def send_signal(self, signum: int) -> bool:
         """Send ``signum`` to the child's process group; False if there is nobody to signal.
 
@@ -242,8 +245,8 @@ class Child:
         """Wait until the child exits, reap it and return its exit status.
 
         A checkpoint. On cancellation (or any other exception while waiting)
-        the child is stopped first with ``terminate(self.grace_period,
-        self.hard_deadline())``, shielded, and then the exception propagates;
+        the child is stopped first with :meth:`terminate`, shielded, and then
+        the exception propagates;
         :attr:`status` then holds the status. So ``with scope: await
         child.wait()`` never leaves a running child behind.
 
@@ -254,19 +257,19 @@ class Child:
         try:
             await self._wait_exited()
         except BaseException:
-            await self.terminate(self.grace_period, self.hard_deadline())
+            await self.terminate()
             raise
         # The exited leader is a zombie still holding the group id: stragglers go now.
         if self.kill():
             logger.debug("sent SIGKILL to the command's process group, for anything left in it")
         return await self._reap()
 
-    async def terminate(self, grace_period: float, hard_deadline: float | None) -> int:
+    async def terminate(self) -> int:
         """Stop the child and its group; return its exit status once it is reaped.
 
         SIGTERM goes to the group at once; SIGKILL follows when
-        ``grace_period`` seconds have passed or at ``hard_deadline`` (a
-        ``trio.current_time()`` value), whichever is earlier. Group members
+        :attr:`grace_period` seconds have passed or at :attr:`hard_deadline`
+        (read now; a ``trio.current_time()`` value), whichever is earlier. Group members
         left behind once the child has exited get SIGKILL at that moment.
         The whole wait runs in a shielded scope, so cancellation cannot cut it
         short: this returns only when the child is reaped. Returns at once if
@@ -275,7 +278,8 @@ class Child:
         if self._exited is not None:
             return self._exited.status
         with trio.CancelScope(shield=True):
-            kill_at = trio.current_time() + max(grace_period, 0.0)
+            kill_at = trio.current_time() + max(self.grace_period, 0.0)
+            hard_deadline = self.hard_deadline()
             if hard_deadline is not None:
                 kill_at = min(kill_at, hard_deadline)
             if self.send_signal(signal.SIGTERM):
@@ -317,13 +321,15 @@ class Child:
                 trio.lowlevel.notify_closing(self._pidfd)
                 os.close(self._pidfd)
                 self._pidfd = None
-            _registry.children.discard(self.pid)
+            registry.children.discard(self.pid)
             self._take_back_terminal()
             self._exited = ChildExited(
                 status=exit_status(returncode),
                 signal=-returncode if returncode < 0 else None,
                 ran=trio.current_time() - self._started_at,
             )
+            if self._observer is not None:
+                self._observer(self._exited)
         return self._exited.status
 
 
@@ -378,108 +384,20 @@ async def _kill_after_grace(child: Child, name: str) -> None:
         )
 
 
-def is_init() -> bool:
-    """True when kubelock is PID 1 (a container's entrypoint) and must reap orphans."""
-    return os.getpid() == 1
-
-
-def _outer_process_is_init() -> bool:
-    """A one-file executable whose launcher is PID 1: become the reaper in its place.
-
-    PyInstaller's one-file launcher runs kubelock as its child and does not reap
-    orphans; as a subreaper, kubelock receives them instead.
-    """
-    if not getattr(sys, "frozen", False) or os.getppid() != 1:
-        return False
-    try:
-        become_subreaper()
-    except OSError:
-        return False
-    return True
-
-
-def become_subreaper() -> None:
-    """Make orphaned descendants reparent to this process, as to PID 1 (Linux only)."""
-    pr_set_child_subreaper = 36
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
-        number = ctypes.get_errno()
-        raise OSError(number, os.strerror(number))
-
-
-def reap_zombies() -> list[int]:
-    """Reap orphaned zombies reparented to us; return their PIDs. Not a checkpoint.
-
-    Never a child kubelock waits for itself (:class:`Child`), and never a
-    process in kubelock's own process group (such as an auth plugin another
-    thread is waiting for): only those PIDs are waited for, one by one, so no
-    status is stolen from their owners.
-    """
-    if _registry.spawning:
-        return []  # a new child's PID is not registered yet: come back later
-    me, my_group = os.getpid(), os.getpgrp()
-    reaped: list[int] = []
-    for pid, state, group in _children_of(me):
-        if state != "Z" or group == my_group or pid in _registry.children:
-            continue
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                reaped.append(pid)
-    if reaped:
-        logger.debug("reaped orphaned processes %s", reaped)
-    return reaped
-
-
-def _children_of(parent: int) -> list[tuple[int, str, int]]:
-    """``(pid, state, process group)`` of each child of ``parent``, from /proc."""
-    found = []
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                    text = stat.read().decode(errors="replace")
-            except OSError:  # it went away while we looked
-                continue
-            # The command name in parentheses may hold spaces or ')': split after the last one.
-            fields = text.rpartition(")")[2].split()
-            if len(fields) >= 3 and int(fields[1]) == parent:
-                found.append((int(entry.name), fields[0], int(fields[2])))
-    return found
-
-
-async def reap_orphans(
-    *,
-    interval: float = 1.0,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Reap orphaned grandchildren (see :func:`reap_zombies`) until cancelled.
-
-    Wakes on SIGCHLD, and every ``interval`` seconds in case one was missed.
-    Start it only as PID 1 or a subreaper (:func:`is_init`, :func:`become_subreaper`).
-    """
-    with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
-        task_status.started()
-        while True:
-            reap_zombies()
-            with trio.move_on_after(interval):
-                await anext(aiter(sigchld))
-
-
 async def run_child(
     argv: Sequence[str],
     env: Mapping[str, str] | None = None,
     *,
     grace_period: float = DEFAULT_GRACE_PERIOD,
     hard_deadline: HardDeadline | None = None,
+    observer: Observer | None = None,
     reap: bool | None = None,
     watchdog: Watchdog | None = None,
     task_status: trio.TaskStatus[Child] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run ``argv`` to the end: spawn, forward signals, reap orphans as PID 1; return its status.
 
-    ``reap`` defaults to :func:`is_init`. Reports the :class:`Child` as
+    ``reap`` defaults to :func:`kubelock.reaper.is_init`. Reports the :class:`Child` as
     started (``child = await nursery.start(run_child, ...)``). The signal
     handlers are installed before the child is spawned and stay until it is
     reaped, so no signal meets the default action (killing kubelock) while a
@@ -491,10 +409,15 @@ async def run_child(
     the termination's own deadlines decide.
     """
     if reap is None:
-        reap = is_init() or _outer_process_is_init()
+        reap = is_init() or outer_process_is_init()
     with trio.open_signal_receiver(*FORWARDED_SIGNALS) as received:
         child = await Child.start(
-            argv, env, grace_period=grace_period, hard_deadline=hard_deadline, watchdog=watchdog
+            argv,
+            env,
+            grace_period=grace_period,
+            hard_deadline=hard_deadline,
+            observer=observer,
+            watchdog=watchdog,
         )
         task_status.started(child)
         try:
@@ -506,5 +429,5 @@ async def run_child(
                 nursery.cancel_scope.cancel()
         finally:
             if child.status is None:  # cancelled before wait() took charge of it
-                await child.terminate(child.grace_period, child.hard_deadline())
+                await child.terminate()
         return status

@@ -34,7 +34,6 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
-    from .metrics import Metrics
     from .watchdog import Watchdog
 
 logger = logging.getLogger("kubelock")
@@ -68,13 +67,7 @@ async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int
     if settings.metrics_address is not None or settings.pushgateway is not None:
         from .metrics import Metrics
 
-        metrics = Metrics(
-            settings.name,
-            namespace,
-            settings.identity,
-            settings.lock_type,
-            renew_deadline=settings.timing.renew_deadline,
-        )
+        metrics = Metrics(settings.name, namespace, settings.identity, settings.lock_type)
         observers.append(metrics.observe)
 
     def observe(event: Event) -> None:
@@ -89,21 +82,32 @@ async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int
                 if metrics is not None:
                     metrics.started()
                     if settings.metrics_address is not None:
+                        from .endpoint import serve
+                        from .health import Health
+
+                        health = Health(settings.timing.renew_deadline)
+                        observers.append(health.observe)
                         host, port = settings.metrics_address
-                        bound_host, bound_port = await services.start(metrics.serve, host, port)
+                        bound_host, bound_port = await services.start(
+                            serve, metrics.registry, health, host, port
+                        )
                         logger.info(
                             "serving /metrics and /healthz on %s:%d", bound_host, bound_port
                         )
                     if settings.pushgateway is not None:
-                        services.start_soon(metrics.push_periodically, settings.pushgateway)
+                        from .push import push_periodically
+
+                        services.start_soon(push_periodically, metrics, settings.pushgateway)
                 status = await _wait_and_run(
-                    settings, config, namespace, observe, metrics, signals, watchdog
+                    settings, config, namespace, observe, signals, watchdog
                 )
             except KubelockError as error:
                 failure = error  # re-raised outside the nursery, as itself
             services.cancel_scope.cancel()
     if metrics is not None and settings.pushgateway is not None:
-        await metrics.push(settings.pushgateway)
+        from .push import push
+
+        await push(metrics, settings.pushgateway)
     if failure is not None:
         raise failure
     return status
@@ -114,7 +118,6 @@ async def _wait_and_run(
     config: ClusterConfig,
     namespace: str,
     observe: Observer,
-    metrics: Metrics | None,
     signals: AsyncIterator[int],
     watchdog: Watchdog | None,
 ) -> int:
@@ -136,7 +139,7 @@ async def _wait_and_run(
                 "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
             )
             return 128 + stopped_by
-        return await _hold_and_run(settings, namespace, elector, metrics, watchdog)
+        return await _hold_and_run(settings, namespace, elector, observe, watchdog)
 
 
 async def _acquire_unless_stopped(elector: Elector, signals: AsyncIterator[int]) -> int | None:
@@ -169,7 +172,7 @@ async def _hold_and_run(
     settings: Settings,
     namespace: str,
     elector: Elector,
-    metrics: Metrics | None,
+    observe: Observer,
     watchdog: Watchdog | None,
 ) -> int:
     assert elector.fencing_token is not None
@@ -188,9 +191,9 @@ async def _hold_and_run(
                 env,
                 grace_period=settings.grace_period,
                 hard_deadline=lambda: held.safety_deadline,
+                observer=observe,  # ChildExited: logged, and recorded in the metrics
                 watchdog=watchdog,
             )
-            logger.info("the command exited with status %d", status)
     except StatusError as refused:  # the release was refused: the run did not end cleanly
         if refused is not elector.release_refused:
             raise
@@ -204,6 +207,4 @@ async def _hold_and_run(
             EXIT_LEASE_LOST,
         )
         status = EXIT_LEASE_LOST
-    if metrics is not None:
-        metrics.child_exited(status)
     return status

@@ -24,7 +24,7 @@ from kubelock.errors import (
     Unreachable,
 )
 from kubelock.events import ApiRequest, Event
-from kubelock.kube.api import ApiClient, object_path
+from kubelock.kube.api import ApiClient, Target
 from kubelock.kube.auth import ClusterConfig, load_config
 from kubelock.testing import ControlPlane, IdentityFactory, InClusterFactory
 
@@ -35,12 +35,8 @@ LEASE_RULE = {
 }
 
 
-def leases(namespace: str) -> str:
-    return object_path("coordination.k8s.io/v1", "leases", namespace)
-
-
-def lease_path(namespace: str, name: str = "app") -> str:
-    return object_path("coordination.k8s.io/v1", "leases", namespace, name)
+def lease_at(namespace: str, name: str = "app") -> Target:
+    return Target("coordination.k8s.io", "v1", "leases", namespace, name)
 
 
 def lease(name: str = "app", holder: str = "pod-a") -> dict[str, Any]:
@@ -73,13 +69,13 @@ async def test_create_get_replace_round_trip(admin_config: ClusterConfig, namesp
     events: list[Event] = []
     async with ApiClient(admin_config, observer=events.append) as api:
         assert admin_config.namespace == namespace
-        created = await api.create(leases(namespace), lease())
+        created = await api.create(lease_at(namespace), lease())
         assert created["metadata"]["namespace"] == namespace
-        read = await api.get(lease_path(namespace))
+        read = await api.get(lease_at(namespace))
         assert read["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
 
         read["spec"]["holderIdentity"] = "pod-b"
-        replaced = await api.replace(lease_path(namespace), read)
+        replaced = await api.replace(lease_at(namespace), read)
         assert replaced["spec"]["holderIdentity"] == "pod-b"
         assert replaced["metadata"]["resourceVersion"] != read["metadata"]["resourceVersion"]
     assert codes(events) == ["201", "200", "200"]
@@ -91,16 +87,16 @@ async def test_a_missing_object_is_not_found(admin_config: ClusterConfig, namesp
         with pytest.raises(
             NotFound, match=f'cannot get leases "nothing" in namespace "{namespace}"'
         ):
-            await api.get(lease_path(namespace, "nothing"))
+            await api.get(lease_at(namespace, "nothing"))
 
 
 async def test_a_second_create_finds_it_already_exists(
     admin_config: ClusterConfig, namespace: str
 ) -> None:
     async with ApiClient(admin_config) as api:
-        await api.create(leases(namespace), lease())
+        await api.create(lease_at(namespace), lease())
         with pytest.raises(AlreadyExists) as raised:
-            await api.create(leases(namespace), lease(holder="pod-b"))
+            await api.create(lease_at(namespace), lease(holder="pod-b"))
     assert raised.value.status_code == 409
     assert "already exists" in raised.value.server_message
 
@@ -110,13 +106,13 @@ async def test_a_replace_based_on_a_stale_version_conflicts_and_is_not_retried(
 ) -> None:
     events: list[Event] = []
     async with ApiClient(admin_config, observer=events.append) as api:
-        first = await api.create(leases(namespace), lease())
+        first = await api.create(lease_at(namespace), lease())
         second = dict(first, spec={**first["spec"], "holderIdentity": "pod-b"})
-        await api.replace(lease_path(namespace), second)
+        await api.replace(lease_at(namespace), second)
 
         stale = dict(first, spec={**first["spec"], "holderIdentity": "pod-c"})
         with pytest.raises(Conflict) as raised:
-            await api.replace(lease_path(namespace), stale)
+            await api.replace(lease_at(namespace), stale)
     assert not isinstance(raised.value, AlreadyExists)
     assert "the object has been modified" in raised.value.server_message
     assert codes(events) == ["201", "200", "409"]
@@ -130,9 +126,9 @@ async def test_forbidden_names_the_missing_rule_and_granting_it_works(
     )
     control_plane.kubectl("create", "-n", namespace, "-f", "-", input=_json(lease()))
     async with ApiClient(load_config(str(reader.kubeconfig), None)) as api:
-        current = await api.get(lease_path(namespace))
+        current = await api.get(lease_at(namespace))
         with pytest.raises(Forbidden) as raised:
-            await api.replace(lease_path(namespace), current)
+            await api.replace(lease_at(namespace), current)
         message = str(raised.value)
         assert message.startswith(
             f'cannot update leases "app" in namespace "{namespace}": forbidden. '
@@ -156,7 +152,7 @@ async def test_forbidden_names_the_missing_rule_and_granting_it_works(
                 ],
             )
         )
-        await api.replace(lease_path(namespace), current)
+        await api.replace(lease_at(namespace), current)
 
 
 async def test_a_rejected_token_is_unauthorized_after_one_fresh_try(
@@ -168,7 +164,7 @@ async def test_a_rejected_token_is_unauthorized_after_one_fresh_try(
     events: list[Event] = []
     async with ApiClient(load_config(str(kubeconfig), None), observer=events.append) as api:
         with pytest.raises(Unauthorized) as raised:
-            await api.get(lease_path(namespace))
+            await api.get(lease_at(namespace))
     assert codes(events) == ["401", "401"]
     assert "not-a-valid-token" not in str(raised.value)
     assert str(kubeconfig) in str(raised.value)
@@ -193,7 +189,7 @@ async def test_a_server_certificate_from_an_unknown_ca_is_refused(
     events: list[Event] = []
     async with ApiClient(load_config(str(kubeconfig), None), observer=events.append) as api:
         with pytest.raises(Unreachable, match="TLS certificate was not accepted"):
-            await api.get(lease_path(namespace))
+            await api.get(lease_at(namespace))
     assert codes(events) == ["error"]  # not retried: it cannot get better
 
 
@@ -201,19 +197,19 @@ async def test_watch_yields_another_clients_update(
     admin_config: ClusterConfig, admin: httpx.Client, namespace: str
 ) -> None:
     async with ApiClient(admin_config) as api:
-        created = await api.create(leases(namespace), lease())
-        await api.create(leases(namespace), lease(name="other"))  # must not show up
+        created = await api.create(lease_at(namespace), lease())
+        await api.create(lease_at(namespace, "other"), lease(name="other"))  # must not show up
         version = created["metadata"]["resourceVersion"]
 
         def update_elsewhere() -> None:
             for name in ("other", "app"):
-                current = admin.get(lease_path(namespace, name)).json()
+                current = admin.get(lease_at(namespace, name).path).json()
                 current["spec"]["holderIdentity"] = "pod-b"
-                assert admin.put(lease_path(namespace, name), json=current).status_code == 200
+                assert admin.put(lease_at(namespace, name).path, json=current).status_code == 200
 
         seen: list[dict[str, Any]] = []
         with trio.fail_after(30):
-            async with aclosing(api.watch(leases(namespace), "app", version)) as events:
+            async with aclosing(api.watch(lease_at(namespace), version)) as events:
                 await trio.to_thread.run_sync(update_elsewhere)
                 async for event in events:
                     if event["type"] != "BOOKMARK":
@@ -229,17 +225,17 @@ async def test_watch_from_a_version_that_is_too_old_is_gone(
     restores_control_plane: ControlPlane, admin_config: ClusterConfig, namespace: str
 ) -> None:
     async with ApiClient(admin_config) as api:
-        created = await api.create(leases(namespace), lease())
+        created = await api.create(lease_at(namespace), lease())
         version = created["metadata"]["resourceVersion"]
         for holder in ("pod-b", "pod-c"):
             created["spec"]["holderIdentity"] = holder
-            created = await api.replace(lease_path(namespace), created)
+            created = await api.replace(lease_at(namespace), created)
         # A restarted API server's watch cache begins at the newest version:
         # anything older is gone, as after a compaction in a long-running cluster.
         await trio.to_thread.run_sync(restores_control_plane.stop_apiserver)
         await trio.to_thread.run_sync(restores_control_plane.start_apiserver)
         with trio.fail_after(30), pytest.raises(Gone) as raised:
-            async with aclosing(api.watch(leases(namespace), "app", version)) as events:
+            async with aclosing(api.watch(lease_at(namespace), version)) as events:
                 async for _ in events:
                     pass
     assert raised.value.status_code == 410
@@ -251,11 +247,11 @@ async def test_watch_ends_when_the_server_closes_it(
     admin_config: ClusterConfig, namespace: str
 ) -> None:
     async with ApiClient(admin_config) as api:
-        created = await api.create(leases(namespace), lease())
+        created = await api.create(lease_at(namespace), lease())
         version = created["metadata"]["resourceVersion"]
         with trio.fail_after(30):
             async with aclosing(
-                api.watch(leases(namespace), "app", version, timeout_seconds=1)
+                api.watch(lease_at(namespace), version, timeout_seconds=1)
             ) as events:
                 changes = [e async for e in events if e["type"] != "BOOKMARK"]
     assert changes == []
@@ -280,7 +276,7 @@ async def test_in_cluster_token_rotation_is_picked_up_after_a_401(
 
     events: list[Event] = []
     async with ApiClient(config, observer=events.append) as api:
-        await api.create(leases(namespace), lease())
+        await api.create(lease_at(namespace), lease())
 
         def rotate() -> None:
             # Recreating the ServiceAccount invalidates every token bound to the old one;
@@ -300,7 +296,7 @@ async def test_in_cluster_token_rotation_is_picked_up_after_a_401(
 
         await trio.to_thread.run_sync(rotate)
         events.clear()
-        read = await api.get(lease_path(namespace))
+        read = await api.get(lease_at(namespace))
     assert read["spec"]["holderIdentity"] == "pod-a"
     assert codes(events) == ["401", "200"]
 
@@ -310,25 +306,25 @@ async def test_a_stopped_api_server_is_unreachable_within_the_timeout(
 ) -> None:
     plane = restores_control_plane
     async with ApiClient(admin_config) as api:
-        await api.create(leases(namespace), lease())
+        await api.create(lease_at(namespace), lease())
         await trio.to_thread.run_sync(plane.stop_apiserver)
 
         started = time.monotonic()
         with pytest.raises(Unreachable) as raised:
-            await api.get(lease_path(namespace), timeout=2)
+            await api.get(lease_at(namespace), timeout=2)
         elapsed = time.monotonic() - started
         assert elapsed < 2.5
         assert admin_config.server in str(raised.value)
         assert "connection refused" in str(raised.value)
 
         with pytest.raises(Unreachable):
-            async with aclosing(api.watch(leases(namespace), "app", "")) as events:
+            async with aclosing(api.watch(lease_at(namespace), "")) as events:
                 async for _ in events:
                     pass
 
         # Once it is back, the same client carries on.
         await trio.to_thread.run_sync(plane.start_apiserver)
-        assert (await api.get(lease_path(namespace)))["spec"]["holderIdentity"] == "pod-a"
+        assert (await api.get(lease_at(namespace)))["spec"]["holderIdentity"] == "pod-a"
 
 
 async def test_a_running_watch_fails_when_the_api_server_stops(
@@ -336,12 +332,12 @@ async def test_a_running_watch_fails_when_the_api_server_stops(
 ) -> None:
     plane = restores_control_plane
     async with ApiClient(admin_config) as api:
-        created = await api.create(leases(namespace), lease())
+        created = await api.create(lease_at(namespace), lease())
         version = created["metadata"]["resourceVersion"]
         created["spec"]["holderIdentity"] = "pod-b"
-        await api.replace(lease_path(namespace), created)
+        await api.replace(lease_at(namespace), created)
         with trio.fail_after(60):
-            async with aclosing(api.watch(leases(namespace), "app", version)) as events:
+            async with aclosing(api.watch(lease_at(namespace), version)) as events:
                 first = await anext(events)  # the watch is open and streaming
                 assert first["object"]["spec"]["holderIdentity"] == "pod-b"
                 await trio.to_thread.run_sync(plane.stop_apiserver)

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from kubelock.errors import AlreadyExists, Conflict, Forbidden, UsageError
-from kubelock.kube.api import ApiClient, object_path
+from kubelock.kube.api import ApiClient, Target
 from kubelock.kube.auth import ClusterConfig, load_config
 from kubelock.locks import (
     LEADER_ANNOTATION,
@@ -56,8 +56,9 @@ def admin_config(kubeconfig: Path) -> ClusterConfig:
     return load_config(str(kubeconfig), None)
 
 
-def path_of(kind: str, namespace: str, name: str = "app") -> str:
-    return object_path(API_VERSIONS[kind], kind, namespace, name)
+def target_of(kind: str, namespace: str, name: str = "app") -> Target:
+    group, _, version = API_VERSIONS[kind].rpartition("/")
+    return Target(group, version, kind, namespace, name)
 
 
 def expected_as_stored(kind: str, written: LeaderElectionRecord) -> LeaderElectionRecord:
@@ -138,7 +139,7 @@ async def test_watch_sees_another_clients_update_and_the_deletion(
                     await other_client.update(record("pod-b", transitions=1), created)
                     changes.append(await anext(stream))
                     await trio.to_thread.run_sync(
-                        lambda: admin.delete(path_of(kind, namespace)).raise_for_status()
+                        lambda: admin.delete(target_of(kind, namespace).path).raise_for_status()
                     )
                     changes.append(await anext(stream))
     first, deleted = changes
@@ -155,16 +156,16 @@ async def test_an_update_keeps_what_others_wrote_on_the_object(
     async with ApiClient(admin_config) as api:
         lock = make_lock(kind, api, "app", namespace)
         await lock.create(record("pod-a"))
-        path = path_of(kind, namespace)
-        labelled = await api.get(path)
+        target = target_of(kind, namespace)
+        labelled = await api.get(target)
         labelled["metadata"].setdefault("labels", {})["team"] = "payments"
         labelled["metadata"].setdefault("annotations", {})["note"] = "keep me"
-        await api.replace(path, labelled)
+        await api.replace(target, labelled)
 
         current = await lock.get()
         assert current is not None
         updated = await lock.update(record("pod-b", transitions=1), current)
-        stored = await api.get(path)
+        stored = await api.get(target)
     assert updated.record.holder_identity == "pod-b"
     assert stored["metadata"]["labels"] == {"team": "payments"}
     assert stored["metadata"]["annotations"]["note"] == "keep me"

@@ -32,12 +32,11 @@ from kubelock.errors import (
     Unreachable,
 )
 from kubelock.events import ApiRequest, Event
-from kubelock.kube.api import ApiClient, object_path
+from kubelock.kube.api import ApiClient, Target
 from kubelock.kube.auth import ClusterConfig
 
-LEASE = object_path("coordination.k8s.io/v1", "leases", "ns", "app")
-LEASES = object_path("coordination.k8s.io/v1", "leases", "ns")
-ENDPOINTS = object_path("v1", "endpoints", "ns", "app")
+LEASE = Target("coordination.k8s.io", "v1", "leases", "ns", "app")
+LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/app"
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
@@ -118,7 +117,7 @@ async def test_get_returns_the_object_and_reports_the_request() -> None:
         assert await api.get(LEASE) == LEASE_OBJECT
     request = script.requests[0]
     assert request.method == "GET"
-    assert request.url == f"https://api.example:6443{LEASE}"
+    assert request.url == f"https://api.example:6443{LEASE_PATH}"
     assert request.headers["Authorization"] == "Bearer tok-1"
     assert request.headers["User-Agent"].startswith("kubelock/")
     [event] = events
@@ -138,7 +137,7 @@ async def test_server_path_prefix_is_kept() -> None:
     )
     async with api:
         await api.get(LEASE)
-    assert script.requests[0].url.path == f"/k8s/clusters/c-1{LEASE}"
+    assert script.requests[0].url.path == f"/k8s/clusters/c-1{LEASE_PATH}"
 
 
 async def test_forbidden_names_the_verb_the_object_and_the_missing_rule() -> None:
@@ -165,7 +164,9 @@ async def test_forbidden_core_resource_names_the_core_group() -> None:
     api, _ = client(script)
     async with api:
         with pytest.raises(Forbidden, match=r'apiGroups: \[""\], resources: \["endpoints"\]'):
-            await api.create(object_path("v1", "endpoints", "ns"), {"metadata": {"name": "app"}})
+            await api.create(
+                Target("", "v1", "endpoints", "ns", "app"), {"metadata": {"name": "app"}}
+            )
 
 
 async def test_conflict_is_never_retried() -> None:
@@ -186,7 +187,7 @@ async def test_already_exists_on_create() -> None:
     api, _ = client(script)
     async with api:
         with pytest.raises(AlreadyExists, match='cannot create leases "app" in namespace "ns"'):
-            await api.create(LEASES, {"metadata": {"name": "app"}})
+            await api.create(LEASE, {"metadata": {"name": "app"}})
     assert json.loads(script.requests[0].content) == {"metadata": {"name": "app"}}
 
 
@@ -288,7 +289,7 @@ async def test_create_is_not_retried_after_a_server_error() -> None:
     api, _ = client(script)
     async with api:
         with pytest.raises(ServerError):
-            await api.create(LEASES, {"metadata": {"name": "app"}})
+            await api.create(LEASE, {"metadata": {"name": "app"}})
     assert len(script.requests) == 1
 
 
@@ -297,7 +298,7 @@ async def test_create_is_not_retried_after_the_connection_dropped() -> None:
     api, events = client(script)
     async with api:
         with pytest.raises(Unreachable, match="no answer from the API server"):
-            await api.create(LEASES, {"metadata": {"name": "app"}})
+            await api.create(LEASE, {"metadata": {"name": "app"}})
     assert len(script.requests) == 1
     assert codes(events) == ["error"]
 
@@ -310,7 +311,7 @@ async def test_create_is_retried_when_nothing_was_sent(clock: trio.testing.MockC
     )
     api, events = client(script)
     async with api:
-        assert await api.create(LEASES, {"metadata": {"name": "app"}}) == LEASE_OBJECT
+        assert await api.create(LEASE, {"metadata": {"name": "app"}}) == LEASE_OBJECT
     assert codes(events) == ["error", "429", "201"]
 
 
@@ -374,7 +375,7 @@ async def test_watch_asks_for_one_object_and_yields_its_events() -> None:
     bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}
     script = Script(httpx.Response(200, content=watch_body(modified, bookmark)))
     api, events = client(script)
-    async with api, aclosing(api.watch(LEASES, "app", "7", timeout_seconds=60)) as stream:
+    async with api, aclosing(api.watch(LEASE, "7", timeout_seconds=60)) as stream:
         seen = [event async for event in stream]
     assert seen == [modified, bookmark]
     params = script.requests[0].url.params
@@ -391,7 +392,7 @@ async def test_watch_error_410_is_gone() -> None:
     api, _ = client(Script(httpx.Response(200, content=watch_body(too_old))))
     async with api:
         with pytest.raises(Gone, match='resourceVersion "1" is too old'):
-            async with aclosing(api.watch(LEASES, "app", "1")) as stream:
+            async with aclosing(api.watch(LEASE, "1")) as stream:
                 async for _ in stream:
                     pass
 
@@ -400,7 +401,7 @@ async def test_watch_forbidden_names_the_watch_rule() -> None:
     api, _ = client(Script(httpx.Response(403, json=status(403, "Forbidden", "no"))))
     async with api:
         with pytest.raises(Forbidden, match=r'cannot watch leases "app".*verbs: \["watch"\]'):
-            async with aclosing(api.watch(LEASES, "app", "1")) as stream:
+            async with aclosing(api.watch(LEASE, "1")) as stream:
                 async for _ in stream:
                     pass
 
@@ -412,7 +413,7 @@ async def test_watch_retries_once_with_a_fresh_token() -> None:
         httpx.Response(200, content=watch_body({"type": "ADDED", "object": LEASE_OBJECT})),
     )
     api, _ = client(script, tokens)
-    async with api, aclosing(api.watch(LEASES, "app", "")) as stream:
+    async with api, aclosing(api.watch(LEASE, "")) as stream:
         seen = [event async for event in stream]
     assert len(seen) == 1
     assert "resourceVersion" not in script.requests[1].url.params

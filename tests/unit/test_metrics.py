@@ -21,15 +21,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubelock import events
 from kubelock._version import __version__
+from kubelock.endpoint import serve
 from kubelock.errors import UsageError
-from kubelock.metrics import HEALTH_TOLERANCE, Metrics
+from kubelock.health import HEALTH_TOLERANCE, Health
+from kubelock.metrics import Metrics
+from kubelock.push import push, push_periodically
 from kubelock.testing.pushgateway import running_pushgateway
 
 RENEW_DEADLINE = 10.0
 
 
 def make_metrics(identity: str = "pod-1") -> Metrics:
-    return Metrics("migrations", "apps", identity, "leases", renew_deadline=RENEW_DEADLINE)
+    return Metrics("migrations", "apps", identity, "leases")
 
 
 class Exposition:
@@ -93,7 +96,7 @@ async def test_a_waiter_that_acquires_renews_and_releases(
     metrics.observe(events.RenewFailed(error="timed out", duration=1.5))
     metrics.observe(events.Renewed(duration=0.07))
     metrics.observe(events.Released(held=12.0, written=True))
-    metrics.child_exited(0)
+    metrics.observe(events.ChildExited(status=0, signal=None, ran=1.0))
     seen = scrape(metrics)
     assert seen.value("kubelock_renewals_total", result="success", **LOCK) == 2
     assert seen.value("kubelock_renewals_total", result="failure", **LOCK) == 1
@@ -124,7 +127,7 @@ async def test_a_lost_lease_counts_as_lost_and_its_hold_time_is_kept(
     metrics.started()
     metrics.observe(events.Acquired(waited=0.01, fencing_token=1))
     metrics.observe(events.Lost(reason="taken over by pod-2", held=40.0))
-    metrics.child_exited(143)
+    metrics.observe(events.ChildExited(status=143, signal=15, ran=40.0))
     seen = scrape(metrics)
     assert seen.value("kubelock_lost_total", **LOCK) == 1
     assert seen.value("kubelock_releases_total", **LOCK) == 0
@@ -138,7 +141,7 @@ def test_every_kubelock_metric_carries_the_lock_labels_and_the_standard_collecto
     None
 ):
     metrics = make_metrics()
-    metrics.child_exited(1)
+    metrics.observe(events.ChildExited(status=1, signal=None, ran=1.0))
     seen = scrape(metrics)
     kubelock_samples = [s for s in seen.samples if s.name.startswith("kubelock_")]
     assert kubelock_samples
@@ -157,39 +160,38 @@ def test_the_child_exit_code_is_absent_until_the_child_ends() -> None:
 async def test_health_turns_503_exactly_past_renew_deadline_plus_tolerance(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    metrics = make_metrics()
-    metrics.started()
+    health = Health(RENEW_DEADLINE)
     mock_clock.jump(3600)
-    assert metrics.healthy(), "waiting is healthy, however long"
+    assert health.healthy(), "waiting is healthy, however long"
 
-    metrics.observe(events.Acquired(waited=3600, fencing_token=1))
+    health.observe(events.Acquired(waited=3600, fencing_token=1))
     mock_clock.jump(RENEW_DEADLINE + HEALTH_TOLERANCE)
-    assert metrics.healthy(), "at the threshold itself"
+    assert health.healthy(), "at the threshold itself"
     mock_clock.jump(0.001)
-    assert not metrics.healthy(), "just past it"
+    assert not health.healthy(), "just past it"
 
-    metrics.observe(events.Renewed(duration=0.05))  # renewals resume: healthy again
-    assert metrics.healthy()
+    health.observe(events.Renewed(duration=0.05))  # renewals resume: healthy again
+    assert health.healthy()
     mock_clock.jump(RENEW_DEADLINE)
-    metrics.observe(events.RenewFailed(error="timed out", duration=1.0))
-    assert metrics.healthy(), "a failed renewal alone changes nothing"
+    health.observe(events.RenewFailed(error="timed out", duration=1.0))
+    assert health.healthy(), "a failed renewal alone changes nothing"
     mock_clock.jump(HEALTH_TOLERANCE + 0.001)
-    assert not metrics.healthy()
+    assert not health.healthy()
 
     # Lost: still judged by the last success, so it stays unhealthy.
-    metrics.observe(events.Lost(reason="no renewal", held=20))
-    assert not metrics.healthy()
+    health.observe(events.Lost(reason="no renewal", held=20))
+    assert not health.healthy()
 
 
 async def test_health_after_an_orderly_release_is_fine(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    metrics = make_metrics()
-    metrics.observe(events.Acquired(waited=0, fencing_token=1))
+    health = Health(RENEW_DEADLINE)
+    health.observe(events.Acquired(waited=0, fencing_token=1))
     mock_clock.jump(RENEW_DEADLINE)
-    metrics.observe(events.Released(held=RENEW_DEADLINE, written=False))
+    health.observe(events.Released(held=RENEW_DEADLINE, written=False))
     mock_clock.jump(3600)
-    assert metrics.healthy()
+    assert health.healthy()
 
 
 def occupied_port() -> socket.socket:
@@ -205,9 +207,10 @@ async def test_serve_answers_metrics_and_healthz_then_stops_with_its_scope(
     # A clock that only moves when told: health is set by a jump, and no timeout
     # of the HTTP client or server fires on its own.
     metrics = make_metrics()
+    health = Health(RENEW_DEADLINE)
     metrics.started()
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(metrics.serve, "127.0.0.1", 0)
+        host, port = await nursery.start(serve, metrics.registry, health, "127.0.0.1", 0)
         assert host == "127.0.0.1"
         assert port > 0
         base = f"http://127.0.0.1:{port}"
@@ -220,7 +223,8 @@ async def test_serve_answers_metrics_and_healthz_then_stops_with_its_scope(
             assert (healthz.status_code, healthz.text) == (200, "ok\n")
             assert (await client.get(f"{base}/elsewhere")).status_code == 404
 
-        metrics.observe(events.Acquired(waited=1, fencing_token=1))
+        for observe in (metrics.observe, health.observe):
+            observe(events.Acquired(waited=1, fencing_token=1))
         async with httpx.AsyncClient(trust_env=False) as client:
             assert (await client.get(f"{base}/healthz")).status_code == 200
             seen = Exposition((await client.get(f"{base}/metrics")).text)
@@ -243,7 +247,9 @@ async def test_a_port_in_use_is_a_usage_error_before_started() -> None:
         port = taken.getsockname()[1]
         async with trio.open_nursery() as nursery:
             with pytest.raises(UsageError) as raised:
-                await nursery.start(make_metrics().serve, "127.0.0.1", port)
+                await nursery.start(
+                    serve, make_metrics().registry, Health(RENEW_DEADLINE), "127.0.0.1", port
+                )
     assert str(raised.value) == (
         f"--metrics-address 127.0.0.1:{port}: address already in use; "
         "choose another port or free it"
@@ -262,8 +268,8 @@ async def test_push_delivers_the_metrics_under_the_grouping_key(pushgateway: str
     metrics.started()
     metrics.observe(events.Acquired(waited=2.5, fencing_token=1))
     metrics.observe(events.Released(held=1.25, written=True))
-    metrics.child_exited(0)
-    assert await metrics.push(pushgateway)
+    metrics.observe(events.ChildExited(status=0, signal=None, ran=1.0))
+    assert await push(metrics, pushgateway)
 
     async with httpx.AsyncClient(trust_env=False) as client:
         groups = (await client.get(f"{pushgateway}/api/v1/metrics")).json()["data"]
@@ -287,7 +293,7 @@ def unused_port() -> int:
 async def test_a_failed_push_is_logged_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="kubelock")
     url = f"http://127.0.0.1:{unused_port()}"
-    assert not await make_metrics().push(url)
+    assert not await push(make_metrics(), url)
     assert [(r.name, r.levelno) for r in caplog.records] == [("kubelock", logging.WARNING)]
     assert f"could not push metrics to {url}" in caplog.records[0].getMessage()
 
@@ -299,7 +305,7 @@ async def test_periodic_pushes_warn_once_per_streak_of_failures(
     url = f"http://127.0.0.1:{unused_port()}"
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(make_metrics().push_periodically, url, 0.01)
+            nursery.start_soon(push_periodically, make_metrics(), url, 0.01)
             while len(caplog.records) < 3:  # noqa: ASYNC110 (caplog has nothing to wait on)
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()

@@ -22,7 +22,9 @@ import pytest
 import trio
 
 from kubelock.errors import KubelockError
-from kubelock.process import CannotRun, Child, exit_status, reap_zombies, run_child
+from kubelock.events import ChildExited, Event
+from kubelock.process import CannotRun, Child, exit_status, run_child
+from kubelock.reaper import reap_zombies
 
 PYTHON = sys.executable
 #: Generous bound for anything that should take well under a second.
@@ -59,18 +61,24 @@ def signal_reporter(*, exit_on_term: bool) -> list[str]:
 
 @pytest.mark.parametrize("code", [0, 3, 42])
 async def test_the_exit_code_is_passed_through(code: int) -> None:
-    child = await Child.start(python(f"raise SystemExit({code})"))
+    seen: list[Event] = []
+    child = await Child.start(python(f"raise SystemExit({code})"), observer=seen.append)
     assert await child.wait() == code
     assert child.status == code
-    assert child.exited is not None
-    assert child.exited.signal is None
+    [exited] = seen
+    assert isinstance(exited, ChildExited)
+    assert exited.signal is None
 
 
 async def test_killed_by_a_signal_is_128_plus_n() -> None:
-    child = await Child.start(python("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+    seen: list[Event] = []
+    child = await Child.start(
+        python("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"), observer=seen.append
+    )
     assert await child.wait() == 137
-    assert child.exited is not None
-    assert child.exited.signal == signal.SIGKILL
+    [exited] = seen
+    assert isinstance(exited, ChildExited)
+    assert exited.signal == signal.SIGKILL
 
 
 def test_exit_status_mapping() -> None:
@@ -143,27 +151,33 @@ async def test_a_grandchild_gets_the_groups_signal(tmp_path: Path) -> None:
 
 
 async def test_terminate_sigkills_a_child_that_ignores_sigterm_after_the_grace() -> None:
-    child = await Child.start(signal_reporter(exit_on_term=False))
+    child = await Child.start(signal_reporter(exit_on_term=False), grace_period=0.3)
     with trio.fail_after(PATIENCE):
         await _wait_until_ready(child)
-        status = await child.terminate(grace_period=0.3, hard_deadline=None)
+        status = await child.terminate()
     assert status == 137
 
 
 async def test_terminate_lets_a_cooperative_child_finish() -> None:
-    child = await Child.start(signal_reporter(exit_on_term=True))
+    child = await Child.start(signal_reporter(exit_on_term=True), grace_period=PATIENCE)
     with trio.fail_after(PATIENCE):
         await _wait_until_ready(child)
-        status = await child.terminate(grace_period=PATIENCE, hard_deadline=None)
+        status = await child.terminate()
     assert status == 7
 
 
 async def test_a_hard_deadline_earlier_than_the_grace_period_wins() -> None:
-    child = await Child.start(signal_reporter(exit_on_term=False))
+    deadline: list[float | None] = [None]
+    child = await Child.start(
+        signal_reporter(exit_on_term=False),
+        grace_period=3600,
+        hard_deadline=lambda: deadline[0],
+    )
     with trio.fail_after(PATIENCE):
         await _wait_until_ready(child)
         began = trio.current_time()
-        status = await child.terminate(grace_period=3600, hard_deadline=began + 0.3)
+        deadline[0] = began + 0.3
+        status = await child.terminate()
     took = trio.current_time() - began
     assert status == 137
     assert took >= 0.3  # SIGKILL came at the hard deadline, not before
@@ -171,9 +185,9 @@ async def test_a_hard_deadline_earlier_than_the_grace_period_wins() -> None:
 
 
 async def test_terminate_after_the_child_exited_returns_its_status() -> None:
-    child = await Child.start(python("raise SystemExit(5)"))
+    child = await Child.start(python("raise SystemExit(5)"), grace_period=0)
     assert await child.wait() == 5
-    assert await child.terminate(grace_period=0, hard_deadline=None) == 5
+    assert await child.terminate() == 5
     assert not child.send_signal(signal.SIGTERM)  # reaped: nobody to signal
 
 
@@ -211,11 +225,11 @@ async def test_terminate_kills_what_the_child_left_behind(tmp_path: Path) -> Non
         "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(3600)"
     )
-    child = await Child.start(["sh", "-c", f'{PYTHON} -c "{straggler}" & wait'])
+    child = await Child.start(["sh", "-c", f'{PYTHON} -c "{straggler}" & wait'], grace_period=3600)
     with trio.fail_after(PATIENCE):
         await _until(lambda: pid_file.exists() and pid_file.read_text() != "")
         straggler_pid = int(pid_file.read_text())
-        assert await child.terminate(grace_period=3600, hard_deadline=None) == 143
+        assert await child.terminate() == 143
         await _until(lambda: not _is_alive(straggler_pid))
 
 
@@ -418,7 +432,7 @@ class Driver:
 
 def _drive(args: list[str]) -> int:
     """The driver's own main: ``[--grace S] [--subreaper] -- COMMAND...``."""
-    from kubelock.process import become_subreaper
+    from kubelock.reaper import become_subreaper
 
     split = args.index("--")
     options, command = args[:split], args[split + 1 :]

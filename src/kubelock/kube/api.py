@@ -1,6 +1,8 @@
-"""Typed async calls on one Kubernetes object by path, over httpx under trio.
+"""Typed async calls on one Kubernetes object, over httpx under trio.
 
-:class:`ApiClient` does four things — ``get``, ``create``, ``replace`` (PUT;
+Each call names its object with a :class:`Target` (group, version, resource,
+namespace, name): the path is built from it, and its words name the object
+in messages. :class:`ApiClient` does four things — ``get``, ``create``, ``replace`` (PUT;
 kubelock updates rather than patches, so the Roles written for the Go
 kubelock, with verbs get/create/update, keep working) and ``watch`` — and
 turns every failure into the tree in :mod:`kubelock.errors`, with a message
@@ -25,6 +27,12 @@ Retries (each request is bounded by its own deadline, ``timeout``):
 
 Every HTTP exchange is reported to the observer as an
 :class:`~kubelock.events.ApiRequest`. Tokens are never logged.
+
+The client is layered as httpx's own: a call's retry policy and deadline
+(:meth:`ApiClient._call`, and :meth:`ApiClient._open_watch` for watches) sit
+on the auth layer (:meth:`ApiClient._authorized`: a fresh token once after a
+401), which sits on one request (:meth:`ApiClient._send`: the exchange, its
+report, transport failures).
 """
 
 from __future__ import annotations
@@ -33,7 +41,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import ssl
 from collections.abc import AsyncGenerator
 from types import TracebackType
@@ -58,6 +65,7 @@ from ..errors import (
     TooManyRequests,
     Unauthorized,
     Unreachable,
+    one_line,
 )
 from ..events import ApiRequest, Observer
 from .auth import ClusterConfig
@@ -74,55 +82,56 @@ BACKOFF_CAP = 5.0
 
 _RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 
-
-def object_path(api_version: str, resource: str, namespace: str, name: str | None = None) -> str:
-    """The path of a namespaced collection, or of one object in it.
-
-    ``object_path("coordination.k8s.io/v1", "leases", "ns", "x")`` is
-    ``/apis/coordination.k8s.io/v1/namespaces/ns/leases/x``; core ``v1``
-    objects live under ``/api/v1``.
-    """
-    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    path = f"{prefix}/namespaces/{quote(namespace, safe='')}/{resource}"
-    return path if name is None else f"{path}/{quote(name, safe='')}"
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WATCH_SECONDS",
+    "ApiClient",
+    "Target",
+]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Target:
-    """What a request is about, for messages and RBAC advice."""
+class Target:
+    """One namespaced object: where it is in the API, and how messages name it."""
 
-    group: str
-    resource: str
+    group: str  # "" for the core group
+    version: str
+    resource: str  # plural: "leases", "endpoints", "configmaps"
     namespace: str
     name: str
 
-    _PATH = re.compile(
-        r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)"
-        r"/namespaces/(?P<namespace>[^/]+)/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?/?$"
-    )
+    @property
+    def api_version(self) -> str:
+        """``coordination.k8s.io/v1``, or ``v1`` for the core group."""
+        return f"{self.group}/{self.version}" if self.group else self.version
 
-    @classmethod
-    def parse(cls, path: str, name: str = "") -> _Target:
-        match = cls._PATH.match(path)
-        if match is None:
-            return cls(group="", resource=path, namespace="", name=name)
-        return cls(
-            group=match["group"] or "",
-            resource=match["resource"],
-            namespace=match["namespace"],
-            name=match["name"] or name,
-        )
+    @property
+    def collection_path(self) -> str:
+        """``/apis/coordination.k8s.io/v1/namespaces/ns/leases``; core objects under ``/api/v1``."""
+        prefix = f"/apis/{self.api_version}" if self.group else f"/api/{self.version}"
+        return f"{prefix}/namespaces/{quote(self.namespace, safe='')}/{self.resource}"
+
+    @property
+    def path(self) -> str:
+        """The object's own path: :attr:`collection_path` and its name."""
+        return f"{self.collection_path}/{quote(self.name, safe='')}"
 
     def __str__(self) -> str:
-        text = self.resource
-        if self.name:
-            text += f' "{self.name}"'
-        if self.namespace:
-            text += f' in namespace "{self.namespace}"'
-        return text
+        return f'{self.resource} "{self.name}" in namespace "{self.namespace}"'
 
     def rbac_rule(self, verb: str) -> str:
         return f'{{apiGroups: ["{self.group}"], resources: ["{self.resource}"], verbs: ["{verb}"]}}'
+
+
+class _NoAnswer(Exception):
+    """One exchange failed below HTTP (connection, TLS, dropped stream); internal to this module."""
+
+    def __init__(self, problem: httpx.TransportError) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+        #: The connection was never opened: the server surely did not see the request.
+        self.sent_nothing = isinstance(problem, httpx.ConnectError | httpx.ConnectTimeout)
+        self.tls_rejected = _tls_rejected(problem)
 
 
 class ApiClient:
@@ -177,50 +186,55 @@ class ApiClient:
 
     async def get(
         self,
-        path: str,
+        target: Target,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 -- see the module docstring
     ) -> dict[str, Any]:
-        """The object at ``path``; ``NotFound`` when there is none."""
-        return await self._call("get", "GET", path, timeout=timeout)
+        """The object ``target``; ``NotFound`` when there is none."""
+        return await self._call("get", "GET", target, target.path, timeout=timeout)
 
     async def create(
         self,
-        collection_path: str,
+        target: Target,
         body: dict[str, Any],
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
-        """POST ``body`` into the collection; ``AlreadyExists`` when the name is taken.
+        """POST ``body`` (the object ``target``) into its collection; ``AlreadyExists``
+        when the name is taken.
 
         Not retried once the request may have reached the server: on an error
         the object may or may not exist, so re-read it.
         """
-        name = str((body.get("metadata") or {}).get("name") or "")
         return await self._call(
-            "create", "POST", collection_path, body=body, name=name, timeout=timeout
+            "create",
+            "POST",
+            target,
+            target.collection_path,
+            body=body,
+            may_repeat=False,
+            timeout=timeout,
         )
 
     async def replace(
         self,
-        path: str,
+        target: Target,
         body: dict[str, Any],
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
         """PUT ``body``; ``Conflict`` when its ``metadata.resourceVersion`` is stale."""
-        return await self._call("update", "PUT", path, body=body, timeout=timeout)
+        return await self._call("update", "PUT", target, target.path, body=body, timeout=timeout)
 
     async def watch(
         self,
-        collection_path: str,
-        name: str,
+        target: Target,
         resource_version: str,
         *,
         timeout_seconds: int = DEFAULT_WATCH_SECONDS,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> AsyncGenerator[dict[str, Any], None]:
-        """Events ``{"type": ..., "object": ...}`` for object ``name`` after ``resource_version``.
+        """Events ``{"type": ..., "object": ...}`` for ``target`` after ``resource_version``.
 
         Types are ADDED, MODIFIED, DELETED and BOOKMARK. The generator ends
         when the server closes the watch (after about ``timeout_seconds``);
@@ -229,16 +243,15 @@ class ApiClient:
         ``timeout``; a stream that then goes silent raises ``Unreachable``.
         Close it with ``contextlib.aclosing``.
         """
-        target = _Target.parse(collection_path, name)
         params = {
             "watch": "true",
-            "fieldSelector": f"metadata.name={name}",
+            "fieldSelector": f"metadata.name={target.name}",
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(timeout_seconds),
         }
         if resource_version:
             params["resourceVersion"] = resource_version
-        opened = await self._open_watch(collection_path, params, target, timeout)
+        opened = await self._open_watch(target, params, timeout)
         try:
             async for line in opened.aiter_lines():
                 if not line.strip():
@@ -266,101 +279,51 @@ class ApiClient:
             with trio.CancelScope(shield=True):
                 await opened.aclose()
 
-    # -- machinery ------------------------------------------------------------------
+    # -- retries and deadlines --------------------------------------------------------
 
     async def _call(
         self,
         verb: str,
         method: str,
+        target: Target,
         path: str,
         *,
         body: dict[str, Any] | None = None,
-        name: str = "",
+        may_repeat: bool = True,
         timeout: float | None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
+        """One call with its retry policy, bounded by ``timeout`` (the client's default).
+
+        ``may_repeat``: the request may be sent again after it possibly reached
+        the server (false for ``create``, which then only repeats after a 429
+        or a connection that never opened).
+        """
         budget = self.timeout if timeout is None else timeout
         deadline = trio.current_time() + budget
-        target = _Target.parse(path, name)
         attempt = 0
-        fresh_token = False
         last_error: ApiError | None = None
-
         while True:
-            response: httpx.Response | None = None
-            error: ApiError | None = None
-            sent_nothing = False
             started = trio.current_time()
-            with trio.move_on_at(deadline):
-                try:
-                    request = self._client.build_request(
-                        method,
-                        path,
-                        json=body,
-                        headers=await self._auth_headers(verb, target),
-                        extensions=self._extensions,
-                    )
-                    response = await self._client.send(request)
-                except httpx.TransportError as problem:
-                    self._report(verb, "error", started)
-                    if _tls_rejected(problem):
-                        raise Unreachable(
-                            f"cannot {verb} {target}: the API server's TLS "
-                            f"certificate was not accepted ({_transport_problem(problem)}); "
-                            f"check the certificate authority in {self.config.source}",
-                            verb=verb,
-                            resource=target.resource,
-                        ) from None
-                    sent_nothing = isinstance(problem, httpx.ConnectError | httpx.ConnectTimeout)
-                    error = Unreachable(
-                        f"cannot {verb} {target}: no answer from the API server at "
-                        f"{self.config.server} ({_transport_problem(problem)}); "
-                        "check that it runs and is reachable",
-                        verb=verb,
-                        resource=target.resource,
-                    )
-            if response is None and error is None:  # the deadline passed mid-request
-                self._report(verb, "error", started)
-                hint = f" (last error: {last_error})" if last_error is not None else ""
-                raise Unreachable(
-                    f"cannot {verb} {target}: no answer from the API server at "
-                    f"{self.config.server} within {budget:g}s; check that it runs and is "
-                    f"reachable{hint}",
-                    verb=verb,
-                    resource=target.resource,
-                )
-
+            error: ApiError
             retry_after: float | None = None
-            if response is not None:
-                self._report(verb, str(response.status_code), started)
-                if response.is_success:
-                    return _as_object(response, verb, target)
-                if (
-                    response.status_code == 401
-                    and not fresh_token
-                    and self.config.token is not None
-                ):
-                    self.config.token.invalidate()
-                    fresh_token = True
-                    continue
-                status_error = _status_error(
-                    verb,
-                    target,
-                    code=response.status_code,
-                    status=_status_body(response),
-                    source=self.config.source,
-                    retry_after_header=response.headers.get("Retry-After"),
-                )
-                retryable = response.status_code in _RETRIED_STATUS and (
-                    verb != "create" or response.status_code == 429
-                )
-                if not retryable:
-                    raise status_error
-                error = status_error
-                retry_after = status_error.retry_after
-            else:
-                assert error is not None
-                if verb == "create" and not sent_nothing:
-                    raise error
+            with trio.move_on_at(deadline) as request_scope:
+                try:
+                    response = await self._authorized(verb, target, method, path, json=body)
+                except _NoAnswer as failure:
+                    error = self._no_answer(verb, target, failure)
+                    if failure.tls_rejected or not (may_repeat or failure.sent_nothing):
+                        raise error from None
+                else:
+                    if response.is_success:
+                        return _as_object(response, verb, target)
+                    status_error = self._failure(verb, target, response)
+                    code = response.status_code
+                    if code not in _RETRIED_STATUS or not (may_repeat or code == 429):
+                        raise status_error
+                    error, retry_after = status_error, status_error.retry_after
+            if request_scope.cancelled_caught:  # the deadline passed mid-request
+                self._report(verb, "error", started)
+                raise self._silent(verb, target, budget, last_error)
 
             delay = (
                 retry_after
@@ -375,70 +338,79 @@ class ApiClient:
 
     async def _open_watch(
         self,
-        path: str,
+        target: Target,
         params: dict[str, str],
-        target: _Target,
         timeout: float | None,  # noqa: ASYNC109
     ) -> httpx.Response:
+        """The open stream of a watch; its opening is bounded by ``timeout``, never retried."""
         budget = self.timeout if timeout is None else timeout
         read_timeout = float(params["timeoutSeconds"]) + WATCH_READ_MARGIN
+        started = trio.current_time()
+        response: httpx.Response | None = None
+        with trio.move_on_after(budget):
+            try:
+                response = await self._authorized(
+                    "watch",
+                    target,
+                    "GET",
+                    target.collection_path,
+                    params=params,
+                    read_timeout=read_timeout,
+                    stream=True,
+                )
+            except _NoAnswer as failure:
+                raise self._no_answer("watch", target, failure) from None
+        if response is None:
+            self._report("watch", "error", started)
+            raise self._silent("watch", target, budget, None)
+        if response.is_success:
+            return response
+        raise self._failure(
+            "watch", target, response, resource_version=params.get("resourceVersion", "")
+        )
+
+    # -- auth ---------------------------------------------------------------------------
+
+    async def _authorized(
+        self,
+        verb: str,
+        target: Target,
+        method: str,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        read_timeout: float | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """One request with the current token; after a 401, once more with a fresh one."""
         fresh_token = False
         while True:
-            started = trio.current_time()
-            response: httpx.Response | None = None
-            with trio.move_on_after(budget):
-                try:
-                    request = self._client.build_request(
-                        "GET",
-                        path,
-                        params=params,
-                        headers=await self._auth_headers("watch", target),
-                        timeout=httpx.Timeout(None, read=read_timeout),
-                        extensions=self._extensions,
-                    )
-                    response = await self._client.send(request, stream=True)
-                except httpx.TransportError as problem:
-                    self._report("watch", "error", started)
-                    raise Unreachable(
-                        f"cannot watch {target}: no answer from the API server at "
-                        f"{self.config.server} ({_transport_problem(problem)}); "
-                        "check that it runs and is reachable",
-                        verb="watch",
-                        resource=target.resource,
-                    ) from None
-            if response is None:
-                self._report("watch", "error", started)
-                raise Unreachable(
-                    f"cannot watch {target}: no answer from the API server at "
-                    f"{self.config.server} within {budget:g}s; check that it runs and is reachable",
-                    verb="watch",
-                    resource=target.resource,
-                )
-            self._report("watch", str(response.status_code), started)
-            if response.is_success:
-                return response
-            with trio.CancelScope(shield=True):
-                try:
-                    await response.aread()
-                except httpx.TransportError:
-                    pass
-                finally:
-                    await response.aclose()
+            response = await self._send(
+                verb,
+                method,
+                path,
+                headers=await self._auth_headers(verb, target),
+                json=json,
+                params=params,
+                read_timeout=read_timeout,
+                stream=stream,
+            )
+            if stream and not response.is_success:  # read the Status, then close
+                with trio.CancelScope(shield=True):
+                    try:
+                        await response.aread()
+                    except httpx.TransportError:
+                        pass
+                    finally:
+                        await response.aclose()
             if response.status_code == 401 and not fresh_token and self.config.token is not None:
                 self.config.token.invalidate()
                 fresh_token = True
                 continue
-            raise _status_error(
-                "watch",
-                target,
-                code=response.status_code,
-                status=_status_body(response),
-                source=self.config.source,
-                resource_version=params.get("resourceVersion", ""),
-                retry_after_header=response.headers.get("Retry-After"),
-            )
+            return response
 
-    async def _auth_headers(self, verb: str, target: _Target) -> dict[str, str]:
+    async def _auth_headers(self, verb: str, target: Target) -> dict[str, str]:
         provider = self.config.token
         if provider is None:
             return {}
@@ -453,9 +425,83 @@ class ApiClient:
             ) from None
         return {"Authorization": f"Bearer {token}"}
 
+    # -- one request --------------------------------------------------------------------
+
+    async def _send(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        json: dict[str, Any] | None,
+        params: dict[str, str] | None,
+        read_timeout: float | None,
+        stream: bool,
+    ) -> httpx.Response:
+        """One HTTP exchange, reported to the observer; ``_NoAnswer`` when none came."""
+        started = trio.current_time()
+        try:
+            request = self._client.build_request(
+                method,
+                path,
+                json=json,
+                params=params,
+                headers=headers,
+                timeout=httpx.Timeout(None, read=read_timeout) if read_timeout else None,
+                extensions=self._extensions,
+            )
+            response = await self._client.send(request, stream=stream)
+        except httpx.TransportError as problem:
+            self._report(verb, "error", started)
+            raise _NoAnswer(problem) from None
+        self._report(verb, str(response.status_code), started)
+        return response
+
     def _report(self, verb: str, code: str, started: float) -> None:
         if self._observer is not None:
             self._observer(ApiRequest(verb=verb, code=code, duration=trio.current_time() - started))
+
+    # -- what failures say --------------------------------------------------------------
+
+    def _no_answer(self, verb: str, target: Target, failure: _NoAnswer) -> Unreachable:
+        problem = _transport_problem(failure.problem)
+        if failure.tls_rejected:
+            text = (
+                f"cannot {verb} {target}: the API server's TLS certificate was not accepted "
+                f"({problem}); check the certificate authority in {self.config.source}"
+            )
+        else:
+            text = (
+                f"cannot {verb} {target}: no answer from the API server at "
+                f"{self.config.server} ({problem}); check that it runs and is reachable"
+            )
+        return Unreachable(text, verb=verb, resource=target.resource)
+
+    def _silent(
+        self, verb: str, target: Target, budget: float, last_error: ApiError | None
+    ) -> Unreachable:
+        hint = f" (last error: {last_error})" if last_error is not None else ""
+        return Unreachable(
+            f"cannot {verb} {target}: no answer from the API server at "
+            f"{self.config.server} within {budget:g}s; check that it runs and is "
+            f"reachable{hint}",
+            verb=verb,
+            resource=target.resource,
+        )
+
+    def _failure(
+        self, verb: str, target: Target, response: httpx.Response, *, resource_version: str = ""
+    ) -> StatusError:
+        return _status_error(
+            verb,
+            target,
+            code=response.status_code,
+            status=_status_body(response),
+            source=self.config.source,
+            resource_version=resource_version,
+            retry_after_header=response.headers.get("Retry-After"),
+        )
 
 
 # -- Status → exception ---------------------------------------------------------
@@ -463,7 +509,7 @@ class ApiClient:
 
 def _status_error(
     verb: str,
-    target: _Target,
+    target: Target,
     *,
     code: int,
     status: dict[str, Any],
@@ -473,7 +519,7 @@ def _status_error(
 ) -> StatusError:
     """The exception for a failure ``Status``, with a message for people."""
     reason = str(status.get("reason") or "")
-    server = _one_line(str(status.get("message") or reason or f"HTTP {code}"))
+    server = one_line(str(status.get("message") or reason or f"HTTP {code}"))
     retry_after = _retry_after(retry_after_header, status)
     head = f"cannot {verb} {target}"
 
@@ -536,7 +582,7 @@ def _status_body(response: httpx.Response) -> dict[str, Any]:
         data = None
     if isinstance(data, dict) and data.get("kind") == "Status":
         return data
-    text = _one_line(response.text)[:200] if response.text else ""
+    text = one_line(response.text)[:200] if response.text else ""
     return {"message": text or response.reason_phrase or f"HTTP {response.status_code}"}
 
 
@@ -554,7 +600,7 @@ def _retry_after(header: str | None, status: dict[str, Any]) -> float | None:
     return None
 
 
-def _as_object(response: httpx.Response, verb: str, target: _Target) -> dict[str, Any]:
+def _as_object(response: httpx.Response, verb: str, target: Target) -> dict[str, Any]:
     try:
         data = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -570,7 +616,7 @@ def _as_object(response: httpx.Response, verb: str, target: _Target) -> dict[str
     return data
 
 
-def _decode(line: str, verb: str, target: _Target) -> dict[str, Any]:
+def _decode(line: str, verb: str, target: Target) -> dict[str, Any]:
     try:
         data = json.loads(line)
     except json.JSONDecodeError:
@@ -578,7 +624,7 @@ def _decode(line: str, verb: str, target: _Target) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(
             f"cannot {verb} {target}: the API server sent a watch event that is "
-            f"not JSON: {_one_line(line)[:100]}",
+            f"not JSON: {one_line(line)[:100]}",
             verb=verb,
             resource=target.resource,
         )
@@ -602,7 +648,7 @@ def _transport_problem(error: httpx.TransportError) -> str:
             return cause.reason or str(cause)
         if isinstance(cause, OSError) and cause.errno:
             return os.strerror(cause.errno).lower()
-    text = _one_line(str(error))
+    text = one_line(str(error))
     return text or type(error).__name__
 
 
@@ -615,7 +661,3 @@ def _causes(error: BaseException) -> list[BaseException]:
             seen.extend(current.exceptions)
         current = current.__cause__ or current.__context__
     return seen
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

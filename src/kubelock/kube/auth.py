@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..settings import validate_namespace
 
 #: Where a Pod finds its ServiceAccount token, CA bundle and namespace.
@@ -148,7 +148,7 @@ class KubeconfigTokenProvider:
                     header = self._configuration.get_api_key_with_prefix("BearerToken")
                 except Exception as error:  # the loader raises many kinds
                     raise ConfigError(
-                        f"cannot refresh the credentials of {self._source}: {_one_line(str(error))}"
+                        f"cannot refresh the credentials of {self._source}: {one_line(str(error))}"
                     ) from None
             if problems:
                 raise ConfigError(
@@ -343,7 +343,7 @@ def _from_kubeconfig(paths: list[Path], context: str | None, *, origin: str) -> 
             merger.load_config(str(path))
         except Exception as error:  # YAML, OS and loader errors alike
             raise ConfigError(
-                f"cannot read kubeconfig {path}: {_one_line(str(error))}; fix or replace the file"
+                f"cannot read kubeconfig {path}: {one_line(str(error))}; fix or replace the file"
             ) from None
     merged = merger.config
     if merged is None or not isinstance(merged.value, dict):
@@ -379,7 +379,7 @@ def _from_kubeconfig(paths: list[Path], context: str | None, *, origin: str) -> 
             )
             loader.load_and_set(configuration)
         except Exception as error:  # ConfigException, KeyError, OSError, plugin failures
-            raise ConfigError(f"invalid {source}: {_one_line(str(error))}") from None
+            raise ConfigError(f"invalid {source}: {one_line(str(error))}") from None
 
     server = str(configuration.host or "").rstrip("/")
     if not server.startswith("https://"):
@@ -471,10 +471,6 @@ def _ssl_problem(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 @contextmanager
 def _capture_loader_errors() -> Iterator[list[str]]:
     """Collect what the loader logs instead of raising (it logs exec plugin failures)."""
@@ -482,7 +478,7 @@ def _capture_loader_errors() -> Iterator[list[str]]:
 
     def keep(record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
-            problems.append(_one_line(record.getMessage()))
+            problems.append(one_line(record.getMessage()))
             return False
         return True
 

@@ -21,7 +21,7 @@ from .record import LEADER_ANNOTATION, LeaderElectionRecord
 class AnnotationLock(ApiLock):
     """The record in the leader annotation of a core/v1 object."""
 
-    api_version = "v1"
+    group = ""  # core v1
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
         metadata = obj.get("metadata") or {}

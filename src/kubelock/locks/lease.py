@@ -17,7 +17,7 @@ from contextlib import aclosing
 from typing import Any
 
 from ..errors import NotFound
-from ..kube.api import ApiClient, object_path
+from ..kube.api import ApiClient, Target
 from .base import Observed
 from .record import LeaderElectionRecord
 
@@ -29,7 +29,8 @@ class ApiLock:
     """
 
     kind: str  # the resource: "leases", "endpoints", "configmaps"
-    api_version: str  # "coordination.k8s.io/v1", "v1"
+    group: str  # "coordination.k8s.io", "" (core)
+    version: str = "v1"
     object_kind: str  # "Lease", "Endpoints", "ConfigMap"
 
     def __init__(
@@ -39,8 +40,7 @@ class ApiLock:
         self.name = name
         self.namespace = namespace
         self.timeout = timeout  # per call; None: the client's default
-        self._collection = object_path(self.api_version, self.kind, namespace)
-        self._path = object_path(self.api_version, self.kind, namespace, name)
+        self.target = Target(self.group, self.version, self.kind, namespace, name)
 
     def describe(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}"
@@ -62,35 +62,35 @@ class ApiLock:
 
     async def get(self) -> Observed | None:
         try:
-            obj = await self.api.get(self._path, timeout=self.timeout)
+            obj = await self.api.get(self.target, timeout=self.timeout)
         except NotFound:
             return None
         return self._observed(obj)
 
     async def create(self, record: LeaderElectionRecord) -> Observed:
         obj: dict[str, Any] = {
-            "apiVersion": self.api_version,
+            "apiVersion": self.target.api_version,
             "kind": self.object_kind,
             "metadata": {"name": self.name, "namespace": self.namespace},
         }
         self.put_record(obj, record)
-        created = await self.api.create(self._collection, obj, timeout=self.timeout)
+        created = await self.api.create(self.target, obj, timeout=self.timeout)
         return self._observed(created)
 
     async def update(self, record: LeaderElectionRecord, current: Observed) -> Observed:
         obj = copy.deepcopy(current.raw) if current.raw else {}
-        obj.setdefault("apiVersion", self.api_version)
+        obj.setdefault("apiVersion", self.target.api_version)
         obj.setdefault("kind", self.object_kind)
         metadata = obj.setdefault("metadata", {})
         metadata.setdefault("name", self.name)
         metadata.setdefault("namespace", self.namespace)
         metadata["resourceVersion"] = current.resource_version
         self.put_record(obj, record)
-        replaced = await self.api.replace(self._path, obj, timeout=self.timeout)
+        replaced = await self.api.replace(self.target, obj, timeout=self.timeout)
         return self._observed(replaced)
 
     async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
-        events = self.api.watch(self._collection, self.name, resource_version)
+        events = self.api.watch(self.target, resource_version)
         async with aclosing(events):
             async for event in events:
                 kind = event.get("type")
@@ -124,7 +124,7 @@ class LeaseLock(ApiLock):
     """The record in a ``coordination.k8s.io/v1`` Lease's ``spec``."""
 
     kind = "leases"
-    api_version = "coordination.k8s.io/v1"
+    group = "coordination.k8s.io"
     object_kind = "Lease"
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
