@@ -39,6 +39,13 @@ minikube:
     kubectl apply -k examples/init-container
     kubectl -n kubelock-example rollout status deployment/example-app --timeout=5m
 
+# K contenders on one lock under seeded random faults (kills, freezes, control-plane restarts,
+# network faults through Toxiproxy); fails on any overlap. ARGS: --seconds --handoffs --seed ...
+chaos *ARGS:
+    uv run python -m kubelock.testing.assets
+    uv run python -m kubelock.testing.toxiproxy
+    uv run python -m tests.chaos {{ARGS}}
+
 # hand-off latency, a waiting contender's request rate, start-up cost, the watchdog's cost and speed
 bench:
     uv run python -m benchmarks.handoff
