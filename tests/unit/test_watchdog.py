@@ -7,12 +7,14 @@ guards it, prints the PIDs and sleeps; the test SIGKILLs the driver.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import trio
 
 from kubelock.testing import process_alive
@@ -117,6 +119,20 @@ def test_the_watchdog_survives_signals_to_kubelocks_group() -> None:
     finally:
         watchdog.close()
     assert not process_alive(watchdog.pid)
+
+
+def test_a_watchdog_that_is_gone_is_reported_once_and_never_blocks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    watchdog = Watchdog.start()
+    os.kill(watchdog.pid, signal.SIGKILL)
+    os.waitpid(watchdog.pid, 0)
+    with caplog.at_level(logging.ERROR, logger="kubelock"):
+        for pgid in range(3):
+            watchdog.guard(pgid + 1_000_000)  # EPIPE: nobody reads the pipe any more
+    assert len(caplog.records) == 1
+    assert "nothing stops the command" in caplog.records[0].getMessage()
+    watchdog.close()
 
 
 def _driver() -> None:
