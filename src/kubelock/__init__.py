@@ -2,6 +2,11 @@
 
 ``async with kubelock.Lock("migrations") as held:`` for trio code;
 ``with kubelock.hold("migrations"):`` for blocking code.
+
+The supported API is what this module exports (``__all__`` below), plus
+:mod:`kubelock.testing` for tests. Every other module is kubelock's own
+machinery: each lists in its ``__all__`` what the rest of kubelock may use,
+and may change between releases.
 """
 
 from typing import TYPE_CHECKING

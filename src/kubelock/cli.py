@@ -40,17 +40,26 @@ from .settings import (
     ElectionTiming,
     Settings,
     default_identity,
+    flag,
     format_duration,
     parse_duration,
     parse_metrics_address,
     validate_lock_type,
     validate_log_format,
     validate_pushgateway,
+    validate_timing,
 )
 
 if TYPE_CHECKING:
     from cyclopts.help import HelpPanel
     from rich.console import Console, ConsoleOptions
+
+__all__ = [
+    "ENV_PREFIX",
+    "main",
+    "parse_args",
+    "split_argv",
+]
 
 ENV_PREFIX = "KUBELOCK_"
 _T = TypeVar("_T")
@@ -367,6 +376,14 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
                 raise  # the message already names the option's value
             raise UsageError(f"{source(option)}: {error}") from None
 
+    def timing() -> ElectionTiming:
+        lease_duration = duration("--lease-duration", given.lease_duration)
+        renew_deadline = duration("--renew-deadline", given.renew_deadline)
+        retry_period = duration("--retry-period", given.retry_period)
+        # Checked here first so that messages name the flags, not the keywords.
+        validate_timing(lease_duration, renew_deadline, retry_period, spell=flag)
+        return ElectionTiming(lease_duration, renew_deadline, retry_period)
+
     metrics = given.metrics_address or None
     pushgateway = given.pushgateway or None
     return Settings(
@@ -377,11 +394,7 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
         kubeconfig=given.kubeconfig or None,
         context=given.context or None,
         lock_type=checked("--lock-type", validate_lock_type, given.lock_type),
-        timing=ElectionTiming(
-            lease_duration=duration("--lease-duration", given.lease_duration),
-            renew_deadline=duration("--renew-deadline", given.renew_deadline),
-            retry_period=duration("--retry-period", given.retry_period),
-        ),
+        timing=timing(),
         grace_period=duration("--grace-period", given.grace_period),
         log_format=checked("--log-format", validate_log_format, given.log_format),
         verbose=given.verbose,

@@ -64,6 +64,15 @@ from .locks.base import LockStore, Observed
 from .locks.record import LeaderElectionRecord, utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
 
+__all__ = [
+    "FATAL_ERRORS",
+    "RELEASE_TIMEOUT",
+    "SAFETY_MARGIN",
+    "WAITING_REPORT_INTERVAL",
+    "Elector",
+    "Held",
+]
+
 #: How often a waiter repeats "still waiting" for people watching the logs.
 WAITING_REPORT_INTERVAL = 30.0
 #: The longest a release may take before kubelock leaves the lease to expire.

@@ -25,6 +25,32 @@ then the server's own words. Credentials never appear in them.
 
 from __future__ import annotations
 
+__all__ = [
+    "EXIT_CANNOT_EXECUTE",
+    "EXIT_ERROR",
+    "EXIT_LEASE_LOST",
+    "EXIT_NOT_FOUND",
+    "EXIT_SIGTERM",
+    "EXIT_USAGE",
+    "AlreadyExists",
+    "ApiError",
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "Forbidden",
+    "Gone",
+    "KubelockError",
+    "LeaseLost",
+    "NotFound",
+    "ServerError",
+    "StatusError",
+    "TooManyRequests",
+    "Unauthorized",
+    "Unreachable",
+    "UsageError",
+    "one_line",
+]
+
 # The codes kubelock chooses itself. Otherwise the command's status is passed
 # through, and a signal N that stops kubelock (or kills the command) is 128+N.
 EXIT_USAGE = 2

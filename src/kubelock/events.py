@@ -11,6 +11,20 @@ import dataclasses
 from collections.abc import Callable
 from datetime import datetime
 
+__all__ = [
+    "Acquired",
+    "ApiRequest",
+    "ChildExited",
+    "Event",
+    "Lost",
+    "Observer",
+    "Released",
+    "RenewFailed",
+    "Renewed",
+    "WaitFailed",
+    "Waiting",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Waiting:

@@ -30,6 +30,12 @@ from .events import (
 )
 from .settings import LogFormat, format_duration
 
+__all__ = [
+    "log_event",
+    "report_error",
+    "setup_logging",
+]
+
 logger = logging.getLogger("kubelock")
 
 _handler: logging.Handler | None = None  # the one setup_logging() installed

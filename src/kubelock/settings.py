@@ -11,9 +11,36 @@ import math
 import os
 import re
 import socket
+from collections.abc import Callable
 from typing import Literal
 
 from .errors import UsageError
+
+__all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_LEASE_DURATION",
+    "DEFAULT_NAME",
+    "DEFAULT_RENEW_DEADLINE",
+    "DEFAULT_RETRY_PERIOD",
+    "JITTER_FACTOR",
+    "LOCK_TYPES",
+    "LOG_FORMATS",
+    "ElectionTiming",
+    "LockType",
+    "LogFormat",
+    "Settings",
+    "default_identity",
+    "flag",
+    "format_duration",
+    "parse_duration",
+    "parse_metrics_address",
+    "validate_lock_type",
+    "validate_log_format",
+    "validate_name",
+    "validate_namespace",
+    "validate_pushgateway",
+    "validate_timing",
+]
 
 LockType = Literal["leases", "endpoints", "configmaps"]
 LOCK_TYPES: tuple[LockType, ...] = ("leases", "endpoints", "configmaps")
@@ -104,46 +131,55 @@ class ElectionTiming:
         validate_timing(self.lease_duration, self.renew_deadline, self.retry_period)
 
 
-def validate_timing(lease_duration: float, renew_deadline: float, retry_period: float) -> None:
+def validate_timing(
+    lease_duration: float,
+    renew_deadline: float,
+    retry_period: float,
+    *,
+    spell: Callable[[str], str] = str,
+) -> None:
     """client-go's rule: lease-duration > renew-deadline > 1.2 x retry-period > 0.
 
-    Also what the lock records can hold: a finite lease of at most
+    ``spell`` names each setting in messages, given its keyword: as the
+    keyword itself by default (``retry_period``, as ``kubelock.Lock`` takes
+    it); the CLI passes :func:`flag` (``--retry-period``). Also what the lock
+    records can hold: finite durations, a lease of at most
     :data:`MAX_LEASE_SECONDS` (an int32 on the API server).
     """
-    for flag, value in (
-        ("--lease-duration", lease_duration),
-        ("--renew-deadline", renew_deadline),
-        ("--retry-period", retry_period),
-    ):
+    lease, renew, retry = spell("lease_duration"), spell("renew_deadline"), spell("retry_period")
+    for name, value in ((lease, lease_duration), (renew, renew_deadline), (retry, retry_period)):
         if not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite duration (got {value})")
+            raise UsageError(f"{name} must be a finite duration (got {value})")
     if retry_period <= 0:
-        raise UsageError(
-            f"--retry-period must be greater than zero (got {format_duration(retry_period)})"
-        )
+        raise UsageError(f"{retry} must be greater than zero (got {format_duration(retry_period)})")
     if lease_duration <= renew_deadline:
         raise UsageError(
-            f"--lease-duration ({format_duration(lease_duration)}) must be greater than "
-            f"--renew-deadline ({format_duration(renew_deadline)}): raise the first or "
+            f"{lease} ({format_duration(lease_duration)}) must be greater than "
+            f"{renew} ({format_duration(renew_deadline)}): raise the first or "
             "lower the second"
         )
     if renew_deadline <= JITTER_FACTOR * retry_period:
         raise UsageError(
-            f"--renew-deadline ({format_duration(renew_deadline)}) must be greater than "
-            f"{JITTER_FACTOR} x --retry-period ({format_duration(retry_period)}): "
+            f"{renew} ({format_duration(renew_deadline)}) must be greater than "
+            f"{JITTER_FACTOR} x {retry} ({format_duration(retry_period)}): "
             "raise the first or lower the second"
         )
     if lease_duration < 1:
         raise UsageError(
-            f"--lease-duration ({format_duration(lease_duration)}) must be at least 1s: "
+            f"{lease} ({format_duration(lease_duration)}) must be at least 1s: "
             "Kubernetes stores it in whole seconds"
         )
     if math.ceil(lease_duration) > MAX_LEASE_SECONDS:
         raise UsageError(
-            f"--lease-duration ({format_duration(lease_duration)}) must be at most "
+            f"{lease} ({format_duration(lease_duration)}) must be at most "
             f"{format_duration(MAX_LEASE_SECONDS)}: Kubernetes stores it as a 32-bit "
             "number of seconds"
         )
+
+
+def flag(keyword: str) -> str:
+    """The command-line flag of a setting: ``retry_period`` → ``--retry-period``."""
+    return "--" + keyword.replace("_", "-")
 
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -234,7 +270,7 @@ class Settings:
     identity: str  # holderIdentity written into the lock
     name: str = DEFAULT_NAME
     namespace: str | None = None  # None: the kubeconfig's or the Pod's namespace
-    kubeconfig: str | None = None  # None: in-cluster, then $KUBECONFIG, then ~/.kube/config
+    kubeconfig: str | None = None  # None: $KUBECONFIG, then in-cluster, then ~/.kube/config
     context: str | None = None  # None: the kubeconfig's current context
     lock_type: LockType = "leases"
     timing: ElectionTiming = dataclasses.field(default_factory=ElectionTiming)

@@ -36,6 +36,12 @@ if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
     from .watchdog import Watchdog
 
+__all__ = [
+    "STOP_WAITING_SIGNALS",
+    "run",
+    "supervise",
+]
+
 logger = logging.getLogger("kubelock")
 
 #: Signals that stop a waiting kubelock (the others are ignored while waiting).

@@ -35,6 +35,8 @@ import time
 
 import trio
 
+__all__ = ["Watchdog"]
+
 logger = logging.getLogger("kubelock")
 
 #: One message: a kind byte and a 64-bit argument (a PGID, or a deadline in ns).

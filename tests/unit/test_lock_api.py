@@ -74,6 +74,21 @@ def test_invalid_name_is_a_usage_error() -> None:
         kubelock.Lock("Not_A_Name")
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry_period": 0}, "retry_period must be greater than zero"),
+        ({"lease_duration": 10}, "lease_duration (10s) must be greater than renew_deadline"),
+        ({"renew_deadline": 2}, "renew_deadline (2s) must be greater than 1.2 x retry_period"),
+    ],
+)
+def test_timing_errors_name_the_keyword_arguments(options: dict[str, float], message: str) -> None:
+    with pytest.raises(kubelock.UsageError) as raised:
+        kubelock.Lock("lock", **options)  # type: ignore[arg-type]
+    assert message in str(raised.value)
+    assert "--" not in str(raised.value)
+
+
 def test_blocking_hold_runs_the_body_and_releases() -> None:
     backend = MemoryBackend()
     with kubelock.hold("lock", identity="a", store=MemoryLock(backend, "a")) as held:

@@ -43,6 +43,19 @@ from typing import Any, Protocol
 from ..errors import ConfigError, one_line
 from ..settings import validate_namespace
 
+__all__ = [
+    "SERVICEACCOUNT_DIR",
+    "SERVICEACCOUNT_DIR_ENV",
+    "TOKEN_MAX_AGE",
+    "ClusterConfig",
+    "FileTokenProvider",
+    "KubeconfigTokenProvider",
+    "TokenProvider",
+    "load_cluster",
+    "load_config",
+    "load_in_cluster",
+]
+
 #: Where a Pod finds its ServiceAccount token, CA bundle and namespace.
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 #: Overrides :data:`SERVICEACCOUNT_DIR` (tests, unusual mounts).

@@ -17,6 +17,12 @@ from typing import Any
 from .lease import ApiLock
 from .record import LEADER_ANNOTATION, LeaderElectionRecord
 
+__all__ = [
+    "AnnotationLock",
+    "ConfigMapLock",
+    "EndpointsLock",
+]
+
 
 class AnnotationLock(ApiLock):
     """The record in the leader annotation of a core/v1 object."""

@@ -11,6 +11,11 @@ from typing import Any, Protocol
 
 from .record import LeaderElectionRecord
 
+__all__ = [
+    "LockStore",
+    "Observed",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Observed:

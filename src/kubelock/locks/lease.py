@@ -21,6 +21,11 @@ from ..kube.api import ApiClient, Target
 from .base import Observed
 from .record import LeaderElectionRecord
 
+__all__ = [
+    "ApiLock",
+    "LeaseLock",
+]
+
 
 class ApiLock:
     """A lock kept in one namespaced object; subclasses say where the record lives.

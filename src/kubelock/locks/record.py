@@ -12,6 +12,15 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+__all__ = [
+    "LEADER_ANNOTATION",
+    "LeaderElectionRecord",
+    "format_micro_time",
+    "format_time",
+    "parse_time",
+    "utc_now",
+]
+
 LEADER_ANNOTATION = "control-plane.alpha.kubernetes.io/leader"
 
 

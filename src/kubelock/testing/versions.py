@@ -8,6 +8,14 @@ The binaries are cached per (Kubernetes, etcd) pair, so a bump rebuilds once.
 
 from typing import Final
 
+__all__ = [
+    "ETCD_VERSION",
+    "GO_MINIMUM",
+    "KUBERNETES_VERSION",
+    "PUSHGATEWAY_VERSION",
+    "STAGING_VERSION",
+]
+
 KUBERNETES_VERSION: Final = "v1.36.3"
 """The `k8s.io/kubernetes` module: kube-apiserver and kubectl."""
 
