@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import select
 import signal
@@ -91,6 +92,8 @@ class Watchdog:
 
     def set_deadline(self, deadline: float) -> None:
         """The group must be dead by ``deadline``, a ``trio.current_time()`` value."""
+        if not math.isfinite(deadline):
+            return  # nothing held yet
         monotonic = time.monotonic_ns() + round((deadline - trio.current_time()) * 1e9)
         self._send(_DEADLINE, monotonic)
 
