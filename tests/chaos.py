@@ -187,6 +187,7 @@ class Chaos:
         self.rng = rng
         self.kinds = kinds
         self.faults: list[Fault] = []
+        self.errors = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="chaos", daemon=True)
 
@@ -201,7 +202,14 @@ class Chaos:
         while not self._stopping.wait(self.rng.uniform(2.0, 6.0)):
             kind = self.rng.choice(self.kinds)
             fault = Fault(kind, time.time())
-            if getattr(self, f"_{kind}")():
+            try:
+                injected = getattr(self, f"_{kind}")()
+            except Exception as error:  # e.g. a restart slower than the harness waits
+                print(f"chaos: {kind} failed: {error}", file=sys.stderr, flush=True)
+                self.errors += 1
+                self._restore()
+                continue
+            if injected:
                 fault.ended = time.time()
                 self.faults.append(fault)
                 print(
@@ -209,6 +217,17 @@ class Chaos:
                     file=sys.stderr,
                     flush=True,
                 )
+
+    def _restore(self) -> None:
+        """Bring the control plane and the proxy back, whatever a failed fault left."""
+        with contextlib.suppress(Exception):
+            self.proxy.set_enabled("apiserver", True)
+        with contextlib.suppress(Exception):
+            self.proxy.remove_toxic("apiserver", "chaos")
+        if "etcd" not in self.plane.pids:
+            self.plane.start_etcd()
+        if "kube-apiserver" not in self.plane.pids:
+            self.plane.start_apiserver()
 
     def _holder(self) -> Contender | None:
         holding = [contender for contender in self.contenders if contender.holding()]
@@ -374,6 +393,8 @@ def run(options: argparse.Namespace, say: Callable[[str], None]) -> int:
             f"(after {fault.kind})"
         )
     say(f"kubelock exit codes: {dict(sorted(exit_codes.items()))}")
+    if chaos.errors:
+        say(f"faults that failed to run (restored and skipped): {chaos.errors}")
     if still_beating:
         say(f"commands still beating after the stop: {still_beating} (were: {leftover})")
     leftovers = plane.leftover_pids()
