@@ -17,9 +17,10 @@ It SIGKILLs the guarded group when the deadline passes, or at once when the
 pipe reaches end-of-file while a group is guarded: the kernel closes
 kubelock's end of the pipe however kubelock dies. It ignores every signal it
 can, lives in its own process group (a signal to kubelock's group does not
-reach it), holds no other file open but stderr, and exits when the pipe
-closes. Writes to it never block kubelock: the pipe is non-blocking, and a
-watchdog that is gone is reported once.
+reach it), holds no other file open but stderr (where it logs what it did, in
+kubelock's log format), and exits when the pipe closes. Writes to it never
+block kubelock: the pipe is non-blocking, and a watchdog that is gone is
+reported once.
 """
 
 from __future__ import annotations
@@ -172,4 +173,10 @@ def _kill(group: int, why: str) -> None:  # pragma: no cover - runs in the forke
         os.killpg(group, signal.SIGKILL)
     except OSError:
         return  # already gone
-    os.write(2, f"kubelock: watchdog: {why}: sent SIGKILL to its process group {group}\n".encode())
+    # kubelock's own log format (text or JSON), on the stderr it shares with kubelock.
+    logger.error(
+        "watchdog: %s: sent SIGKILL to its process group %d",
+        why,
+        group,
+        extra={"kubelock_event": "watchdog_killed"},
+    )
