@@ -8,27 +8,26 @@ belongs to the command: ``kubelock --name db python manage.py migrate
 
 Parsing happens in two steps. :func:`split_argv` walks argv itself, because
 only kubelock knows where its options end; it also rewrites Go-style
-``-name`` to ``--name``. The options part then goes to cyclopts, which reads
-the ``KUBELOCK_<NAME>`` environment variables and prints ``--help``.
+``-name`` to ``--name``. The options part is then read here, with the
+``KUBELOCK_<NAME>`` environment variables, as cyclopts would read it; for
+``--help``, ``--version`` and unusual forms it goes to cyclopts
+(:mod:`kubelock.usage`), whose import start-up need not pay for otherwise.
 Everything is validated before any network I/O; a mistake is one line on
 stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import difflib
-import io
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-import cyclopts
-from cyclopts import App, Parameter
-
-from ._version import __version__
-from .errors import KubelockError, UsageError, one_line
+from .errors import KubelockError, UsageError
 from .settings import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_LEASE_DURATION,
@@ -50,12 +49,12 @@ from .settings import (
     validate_timing,
 )
 
-if TYPE_CHECKING:
-    from cyclopts.help import HelpPanel
-    from rich.console import Console, ConsoleOptions
-
 __all__ = [
+    "DEFAULT_OPTIONS",
     "ENV_PREFIX",
+    "OPTIONS",
+    "Options",
+    "env_var",
     "main",
     "parse_args",
     "split_argv",
@@ -64,35 +63,40 @@ __all__ = [
 ENV_PREFIX = "KUBELOCK_"
 _T = TypeVar("_T")
 
-_DESCRIPTION = """\
-Run COMMAND while holding a named lock kept in the Kubernetes API, then release
-the lock. Contenders wait until the holder releases the lock or its lease runs
-out. Options end at the first word that is not an option, or at "--".
-Every option can also be set by the environment variable shown beside it."""
+#: Every option: its long name, whether it takes a value, its other spellings.
+#: kubelock.usage declares the same options for cyclopts (help texts, env vars);
+#: a unit test keeps the two equal.
+OPTIONS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
+    ("--id", True, ()),
+    ("--kubeconfig", True, ()),
+    ("--context", True, ()),
+    ("--lease-duration", True, ()),
+    ("--renew-deadline", True, ()),
+    ("--retry-period", True, ()),
+    ("--name", True, ()),
+    ("--namespace", True, ()),
+    ("--lock-type", True, ()),
+    ("--grace-period", True, ()),
+    ("--log-format", True, ()),
+    ("--verbose", False, ("-v",)),
+    ("--metrics-address", True, ()),
+    ("--pushgateway", True, ()),
+    ("--help", False, ("-h",)),
+    ("--version", False, ()),
+)
+_CANONICAL = {spelling: long for long, _, others in OPTIONS for spelling in (long, *others)}
+_TAKES_VALUE = {long for long, takes_value, _ in OPTIONS if takes_value}
+#: What cyclopts prints: left to kubelock.usage.
+_PRINTED = frozenset({"--help", "--version"})
 
-_EPILOGUE = """\
-Exit status:
-  the command's own      it ran (128+N when killed by signal N)
-  1                      the lock could not be taken or given back (RBAC denied it)
-  2                      bad usage or configuration, or a request the API server
-                         rejected as invalid; nothing was written
-  75                     the lock was lost while the command ran; it was stopped
-  126, 127               the command could not be run, or was not found
-  130, 143               interrupted (SIGINT, SIGTERM) while waiting for the lock"""
 
-
-def _env(name: str) -> str:
+def env_var(name: str) -> str:
+    """Option ``name``'s environment variable: ``lease-duration`` → ``KUBELOCK_LEASE_DURATION``."""
     return ENV_PREFIX + name.upper().replace("-", "_")
 
 
-def _option(name: str, metavar: str | None, help: str, **kwargs: Any) -> Parameter:
-    return Parameter(
-        name=f"--{name}", env_var=_env(name), metavar=metavar, help=help, negative=(), **kwargs
-    )
-
-
 @dataclasses.dataclass(frozen=True)
-class _Options:
+class Options:
     """The options as given (command line over environment over default), not yet checked."""
 
     id: str | None
@@ -111,189 +115,23 @@ class _Options:
     pushgateway: str | None
 
 
-def _options(
-    *,
-    id: Annotated[
-        str | None,
-        _option(
-            "id",
-            "string",
-            "the holder identity written into the lock",
-            show_default="$HOSTNAME, else the host name",
-        ),
-    ] = None,
-    kubeconfig: Annotated[
-        str | None,
-        _option(
-            "kubeconfig",
-            "path",
-            "the kubeconfig file",
-            show_default="$KUBECONFIG, else the Pod's ServiceAccount, else ~/.kube/config",
-        ),
-    ] = None,
-    context: Annotated[
-        str | None,
-        _option("context", "name", "the kubeconfig context", show_default="its current context"),
-    ] = None,
-    lease_duration: Annotated[
-        str,
-        _option(
-            "lease-duration",
-            "duration",
-            "how long contenders wait after the holder's last renewal before taking over",
-        ),
-    ] = format_duration(DEFAULT_LEASE_DURATION),
-    renew_deadline: Annotated[
-        str,
-        _option(
-            "renew-deadline",
-            "duration",
-            "how long the holder keeps trying to renew before it gives up the lock",
-        ),
-    ] = format_duration(DEFAULT_RENEW_DEADLINE),
-    retry_period: Annotated[
-        str,
-        _option("retry-period", "duration", "how often to renew, or to retry taking the lock"),
-    ] = format_duration(DEFAULT_RETRY_PERIOD),
-    name: Annotated[str, _option("name", "string", "the lock's name")] = DEFAULT_NAME,
-    namespace: Annotated[
-        str | None,
-        _option(
-            "namespace",
-            "string",
-            "the lock's namespace",
-            show_default="the Pod's own, or the kubeconfig context's, else default",
-        ),
-    ] = None,
-    lock_type: Annotated[
-        str,
-        _option("lock-type", "|".join(LOCK_TYPES), "the kind of object that holds the lock"),
-    ] = LOCK_TYPES[0],
-    grace_period: Annotated[
-        str,
-        _option(
-            "grace-period",
-            "duration",
-            "how long the command gets to stop after SIGTERM before SIGKILL",
-        ),
-    ] = format_duration(DEFAULT_GRACE_PERIOD),
-    log_format: Annotated[
-        str, _option("log-format", "|".join(LOG_FORMATS), "how log lines look on stderr")
-    ] = LOG_FORMATS[0],
-    verbose: Annotated[
-        bool,
-        _option("verbose", None, "also log renewals and API requests", alias="-v"),
-    ] = False,
-    metrics_address: Annotated[
-        str | None,
-        _option(
-            "metrics-address",
-            "HOST:PORT",
-            "serve Prometheus /metrics and /healthz here",
-            show_default="off",
-        ),
-    ] = None,
-    pushgateway: Annotated[
-        str | None,
-        _option(
-            "pushgateway", "URL", "push the metrics to this Pushgateway at exit", show_default="off"
-        ),
-    ] = None,
-) -> _Options:
-    given = locals()
-    return _Options(**{field.name: given[field.name] for field in dataclasses.fields(_Options)})
-
-
-_COMMAND_HELP = {"-h, --help": "show this help and exit", "--version": "print the version and exit"}
-
-
-class _GoStyleHelp:
-    """Help that reads like the Go original's ``Usage of kubelock:`` (a cyclopts formatter)."""
-
-    def render_usage(self, console: Console, options: ConsoleOptions, usage: object) -> None:
-        _print(console, "Usage of kubelock:\n  kubelock [OPTIONS] COMMAND [ARGS...]\n")
-
-    def render_description(
-        self, console: Console, options: ConsoleOptions, description: object
-    ) -> None:
-        _print(console, _DESCRIPTION + "\n")
-
-    def __call__(self, console: Console, options: ConsoleOptions, panel: HelpPanel) -> None:
-        if panel.format == "parameter":
-            _print(console, "Options:")
-        for entry in panel.entries:
-            label = ", ".join(entry.positive_shorts + entry.positive_names)
-            if entry.metavar:
-                label += f" {entry.metavar}"
-            lines = [f"  {label}", "        " + _COMMAND_HELP.get(label, _plain(entry.description))]
-            notes = []
-            if entry.metavar and entry.default is not None:
-                notes.append(f"default: {entry.default}")
-            if entry.env_var:
-                notes.append(f"env: {entry.env_var[0]}")
-            if notes:
-                lines.append(f"        ({'; '.join(notes)})")
-            _print(console, "\n".join(lines))
-        if panel.format == "command":  # the last panel: --help and --version
-            _print(console, "\n" + _EPILOGUE)
-
-
-def _plain(renderable: object) -> str:
-    """A cyclopts description (a rich renderable) as one line of plain text."""
-    if renderable is None:
-        return ""
-    from rich.console import Console
-
-    plain = Console(file=io.StringIO(), width=10_000, no_color=True, highlight=False)
-    with plain.capture() as captured:
-        plain.print(renderable, markup=False, end="")
-    return " ".join(captured.get().split())
-
-
-def _print(console: Console, text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True, emoji=False)
-
-
-def _make_app() -> App:
-    app = App(
-        name="kubelock",
-        help=_DESCRIPTION,
-        version=f"kubelock {__version__}",
-        version_format="plaintext",
-        help_format="plaintext",
-        help_formatter=_GoStyleHelp(),
-        group_parameters=cyclopts.Group("Options", sort_key=0),
-        group_commands=cyclopts.Group("Commands", sort_key=1),
-        exit_on_error=False,
-        print_error=False,
-        help_on_error=False,
-        result_action="return_value",
-    )
-    app.default(_options)
-    return app
-
-
-_APP = _make_app()
-
-
-def _option_table() -> tuple[dict[str, str], set[str]]:
-    """Every spelling kubelock accepts → its canonical long name; and which take a value."""
-    canonical: dict[str, str] = {}
-    takes_value: set[str] = set()
-    for argument in _APP.assemble_argument_collection():
-        long = argument.names[0]
-        for spelling in argument.names:
-            canonical[spelling] = long
-        if argument.token_count()[0]:
-            takes_value.add(long)
-    for flags in (_APP.help_flags, _APP.version_flags):
-        names = (flags,) if isinstance(flags, str) else tuple(flags)
-        for spelling in names:
-            canonical[spelling] = next(n for n in names if n.startswith("--"))
-    return canonical, takes_value
-
-
-_CANONICAL, _TAKES_VALUE = _option_table()
+#: The value of each option nobody set (on the command line or in the environment).
+DEFAULT_OPTIONS = Options(
+    id=None,
+    kubeconfig=None,
+    context=None,
+    lease_duration=format_duration(DEFAULT_LEASE_DURATION),
+    renew_deadline=format_duration(DEFAULT_RENEW_DEADLINE),
+    retry_period=format_duration(DEFAULT_RETRY_PERIOD),
+    name=DEFAULT_NAME,
+    namespace=None,
+    lock_type=LOCK_TYPES[0],
+    grace_period=format_duration(DEFAULT_GRACE_PERIOD),
+    log_format=LOG_FORMATS[0],
+    verbose=False,
+    metrics_address=None,
+    pushgateway=None,
+)
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -337,6 +175,47 @@ def _did_you_mean(spelled: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _read_options(option_words: list[str]) -> Options | None:
+    """The usual invocation, read without cyclopts; None when it is not that usual.
+
+    Usual: no ``--help`` or ``--version``, every option at most once, with a
+    non-empty value where it takes one and none where it does not, and no
+    empty or ``--verbose`` environment variable. Options not on the command
+    line come from the environment (``KUBELOCK_<NAME>``), else the default, as
+    cyclopts reads them.
+    """
+    given: dict[str, str | None] = {}
+    verbose = False
+    for word in option_words:
+        long, has_value, value = word.partition("=")
+        key = long[2:].replace("-", "_")
+        if long in _PRINTED or key in given or (long == "--verbose" and verbose):
+            return None
+        if long == "--verbose":
+            if has_value:
+                return None
+            verbose = True
+            continue
+        if not value:
+            return None
+        given[key] = value
+    if os.environ.get(env_var("verbose")) is not None:
+        return None
+    values: dict[str, Any] = {"verbose": verbose}
+    for field in dataclasses.fields(Options):
+        key = field.name
+        if key == "verbose":
+            continue
+        if key in given:
+            values[key] = given[key]
+            continue
+        from_env = os.environ.get(env_var(key))
+        if from_env == "":
+            return None
+        values[key] = getattr(DEFAULT_OPTIONS, key) if from_env is None else from_env
+    return Options(**values)
+
+
 def parse_args(argv: Sequence[str]) -> Settings | None:
     """argv (without the program name) → validated :class:`Settings`; no I/O.
 
@@ -344,11 +223,12 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     printed to stdout. Raises :class:`UsageError` for anything wrong.
     """
     option_words, command = split_argv(argv)
-    try:
-        given = _APP(option_words)
-    except cyclopts.CycloptsError as error:
-        raise UsageError(f"{_usage_message(error)}; see kubelock --help") from None
-    if not isinstance(given, _Options):
+    given = _read_options(option_words)
+    if given is None:
+        from .usage import read_options  # cyclopts: --help, --version, unusual argv
+
+        given = read_options(option_words)
+    if given is None:
         return None  # --help or --version, already printed
     if not command:
         raise UsageError(
@@ -358,8 +238,8 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
 
     def source(option: str) -> str:
         """Name what the user wrote, so a bad value from the environment is easy to find."""
-        if option not in on_command_line and os.environ.get(_env(option[2:])) is not None:
-            return _env(option[2:])
+        if option not in on_command_line and os.environ.get(env_var(option[2:])) is not None:
+            return env_var(option[2:])
         return option
 
     def duration(option: str, text: str) -> float:
@@ -411,25 +291,45 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     )
 
 
-def _usage_message(error: Exception) -> str:
-    """cyclopts' message, as one line that continues a sentence."""
-    text = one_line(str(error)).rstrip(".")
-    return text[:1].lower() + text[1:]
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """The ``kubelock`` console script: parse, run under the lock, exit with the status."""
+    """The ``kubelock`` console script: parse, run under the lock, exit with the status.
+
+    Given no ``argv`` (the program itself, reading ``sys.argv``), it ends the
+    process with :func:`_exit_now`; given ``argv`` (tests), with ``SystemExit``.
+    """
+    status = _run(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        _exit_now(status)
+    sys.exit(status)
+
+
+def _run(argv: Sequence[str]) -> int:
     from .log import report_error, setup_logging
 
     try:
-        settings = parse_args(sys.argv[1:] if argv is None else argv)
+        settings = parse_args(argv)
         if settings is None:
-            sys.exit(0)
+            return 0  # --help or --version, printed
         setup_logging(settings.log_format, settings.verbose)
         from . import supervisor  # imported late: parsing and --help stay light
 
-        status = supervisor.run(settings)
+        return supervisor.run(settings)
     except KubelockError as error:
         report_error(str(error))
-        sys.exit(error.exit_code)
-    sys.exit(status)
+        return error.exit_code
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Exit with ``status`` without the interpreter's teardown of every module and object.
+
+    That teardown costs tens of milliseconds of CPU on every run and does
+    nothing kubelock needs: by now the lock is released and the child reaped.
+    What does matter still happens: ``atexit`` handlers run (logging's flush,
+    the kubeconfig loader's removal of its temporary files) and stdout and
+    stderr are flushed.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)

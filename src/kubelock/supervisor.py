@@ -53,8 +53,10 @@ def run(settings: Settings) -> int:
 
     The watchdog is forked first, while kubelock has one thread and no event loop.
     """
+    from .kube.api import import_httpcore_lean
     from .watchdog import Watchdog
 
+    import_httpcore_lean()  # before trio starts threads
     watchdog = Watchdog.start()
     try:
         return trio.run(supervise, settings, watchdog)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -418,3 +420,16 @@ async def test_watch_retries_once_with_a_fresh_token() -> None:
     assert len(seen) == 1
     assert "resourceVersion" not in script.requests[1].url.params
     assert tokens.invalidations == 1
+
+
+def test_httpcore_is_imported_without_http2_and_asyncio_which_stay_importable() -> None:
+    check = (
+        "import sys; from kubelock.kube.api import import_httpcore_lean; "
+        "import_httpcore_lean(); "
+        "print(sorted(m for m in ('httpcore', 'h2', 'anyio') if m in sys.modules)); "
+        "import h2.connection, anyio; print('importable')"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    ).stdout
+    assert shown.split() == ["['httpcore']", "importable"]

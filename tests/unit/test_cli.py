@@ -298,6 +298,21 @@ def test_help_wins_over_a_missing_command_and_bad_environment() -> None:
     assert "Usage of kubelock:" in result.stdout
 
 
+@pytest.mark.parametrize(("argv", "status"), [(["--version"], 0), (["--nmae", "x", "true"], 2)])
+def test_the_program_exits_fast_yet_runs_atexit_and_flushes(argv: list[str], status: int) -> None:
+    program = (
+        "import atexit, sys; atexit.register(print, 'atexit ran'); "
+        f"sys.argv = ['kubelock', *{argv!r}]; "
+        "from kubelock.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == status
+    assert result.stdout.endswith("atexit ran\n")  # buffered output, flushed after atexit
+    assert ("kubelock 0" in result.stdout) == (status == 0)
+
+
 def test_version() -> None:
     result = kubelock_process("--version")
     assert result.returncode == 0
@@ -350,3 +365,74 @@ def test_main_does_not_run_anything_on_bad_usage(fake_supervisor: types.SimpleNa
         cli.main(["--lease-duration", "forever", "true"])
     assert caught.value.code == 2
     assert fake_supervisor.settings is None
+
+
+# --- the usual invocation is read without cyclopts, exactly as cyclopts reads it ---
+
+
+def option_words_in(
+    argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """kubelock's option words of ``argv``, with ``env`` set for the rest of the test."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return cli.split_argv(argv)[0]
+
+
+def test_the_option_table_is_the_one_cyclopts_declares() -> None:
+    from kubelock import usage
+
+    assert usage.option_table() == (cli._CANONICAL, cli._TAKES_VALUE)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["true"], {}),
+        (["--name", "db", "-v", "--lease-duration=20s", "--", "true"], {}),
+        (["-name", "db", "-namespace", "ns", "-id", "pod-1", "true"], {}),
+        (["--metrics-address", ":9100", "true"], {"KUBELOCK_PUSHGATEWAY": "http://pg:9091"}),
+        (["true"], {"KUBELOCK_NAME": "from-env", "KUBELOCK_RETRY_PERIOD": "1s"}),
+        (["--name", "flag", "true"], {"KUBELOCK_NAME": "env"}),
+        (["--lock-type", "configmaps", "--log-format", "json", "true"], {"KUBELOCK_ID": "x"}),
+    ],
+)
+def test_the_usual_invocation_reads_as_cyclopts_reads_it(
+    argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubelock import usage
+
+    option_words = option_words_in(argv, env, monkeypatch)
+    fast = cli._read_options(option_words)
+    assert fast is not None
+    assert fast == usage.read_options(option_words)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--help"], {}),
+        (["--version"], {}),
+        (["--name", "a", "--name", "b", "true"], {}),
+        (["--name=", "true"], {}),
+        (["--verbose=true", "true"], {}),
+        (["true"], {"KUBELOCK_VERBOSE": "1"}),
+        (["true"], {"KUBELOCK_NAMESPACE": ""}),
+    ],
+)
+def test_anything_unusual_is_left_to_cyclopts(
+    argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli._read_options(option_words_in(argv, env, monkeypatch)) is None
+
+
+def test_the_usual_invocation_does_not_import_cyclopts() -> None:
+    check = (
+        "import sys; from kubelock.cli import parse_args; "
+        "parse_args(['--name', 'db', '-v', '--', 'true']); "
+        "print(sorted(m for m in ('cyclopts', 'rich', 'attrs') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
