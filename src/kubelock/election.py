@@ -520,8 +520,8 @@ class Elector:
         lost when no renewal succeeded within renew-deadline of the last
         successful one being sent, or when another holder is seen. Each
         request is bounded by the time left before that deadline. ``on_lost``
-        runs synchronously the moment loss is decided (the supervisor cancels
-        the work's scope there).
+        runs synchronously the moment loss is decided (:meth:`holding` cancels
+        the body's scope there).
         """
         if not self.is_holding:
             raise RuntimeError("keep_renewing() needs the lock to be held")
