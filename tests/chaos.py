@@ -66,6 +66,9 @@ BEATING = (
     "            break\n"
     "        time.sleep(0.05)\n"
 )
+#: How runs end under chaos: done, lease lost (75), SIGKILLed by a fault (-9), or stopped
+#: at the end (143; -15 before kubelock's handlers are in place).
+EXPECTED_EXITS = frozenset({0, 75, -9, 143, -15})
 FAULTS = ("kill", "freeze", "apiserver", "etcd", "latency", "timeout", "reset", "refuse")
 
 
@@ -89,6 +92,7 @@ class Contender:
         self.log = log
         self.runs = 0
         self.exit_codes: collections.Counter[int] = collections.Counter()
+        self.unexpected: list[str] = []  # the last line of each run that ended otherwise
         self.process: subprocess.Popen[bytes] | None = None
         self.current_beats: Path | None = None
         self._stopping = threading.Event()
@@ -132,9 +136,16 @@ class Contender:
                     if self._stopping.is_set():
                         return
                     self.current_beats = beats
+                    log.flush()
+                    said_from = log.tell()
                     self.process = subprocess.Popen(argv, stdout=log, stderr=log)
                 code = self.process.wait()
                 self.exit_codes[code] += 1
+                if code not in EXPECTED_EXITS:
+                    with open(self.log, "rb") as said:
+                        said.seek(said_from)
+                        lines = said.read().decode(errors="replace").splitlines()
+                    self.unexpected.append(f"exit {code}: {lines[-1] if lines else '(silent)'}")
 
     def holding(self) -> bool:
         """True while this contender's command beats (its last beat is under 0.2 s old)."""
@@ -371,8 +382,10 @@ def run(options: argparse.Namespace, say: Callable[[str], None]) -> int:
             ]
             verdict = judge(beats, chaos.faults)
             exit_codes: collections.Counter[int] = collections.Counter()
+            unexpected: collections.Counter[str] = collections.Counter()
             for contender in contenders:
                 exit_codes.update(contender.exit_codes)
+                unexpected.update(contender.unexpected)
         elapsed = time.monotonic() - started
     by_kind = collections.Counter(fault.kind for fault in chaos.faults)
     say(f"seed {options.seed}, {options.contenders} contenders, {elapsed:.0f} s")
@@ -393,6 +406,8 @@ def run(options: argparse.Namespace, say: Callable[[str], None]) -> int:
             f"(after {fault.kind})"
         )
     say(f"kubelock exit codes: {dict(sorted(exit_codes.items()))}")
+    for line, count in unexpected.most_common(10):
+        say(f"  {count} x {line[:300]}")
     if chaos.errors:
         say(f"faults that failed to run (restored and skipped): {chaos.errors}")
     if still_beating:
