@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from ._version import __version__
 from .errors import KubelockError, UsageError
 from .settings import (
     DEFAULT_GRACE_PERIOD,
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "ENV_PREFIX",
     "OPTIONS",
+    "VERSION_TEXT",
     "Options",
     "env_var",
     "main",
@@ -61,6 +63,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "KUBELOCK_"
+#: What ``kubelock --version`` prints.
+VERSION_TEXT = f"kubelock {__version__}"
 _T = TypeVar("_T")
 
 #: Every option: its long name, whether it takes a value, its other spellings.
@@ -223,6 +227,9 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     printed to stdout. Raises :class:`UsageError` for anything wrong.
     """
     option_words, command = split_argv(argv)
+    if option_words == ["--version"]:  # the one printout that needs no cyclopts
+        print(VERSION_TEXT)
+        return None
     given = _read_options(option_words)
     if given is None:
         from .usage import read_options  # cyclopts: --help, --version, unusual argv
@@ -304,17 +311,20 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def _run(argv: Sequence[str]) -> int:
-    from .log import report_error, setup_logging
-
+    # The log module and the supervisor are imported late: --help, --version and
+    # usage errors stay light.
     try:
         settings = parse_args(argv)
         if settings is None:
             return 0  # --help or --version, printed
-        setup_logging(settings.log_format, settings.verbose)
-        from . import supervisor  # imported late: parsing and --help stay light
+        from . import supervisor
+        from .log import setup_logging
 
+        setup_logging(settings.log_format, settings.verbose)
         return supervisor.run(settings)
     except KubelockError as error:
+        from .log import report_error
+
         report_error(str(error))
         return error.exit_code
 

@@ -1,10 +1,10 @@
 """The cyclopts application behind ``kubelock --help``, ``--version`` and unusual argv.
 
-:func:`kubelock.cli.parse_args` reads the usual invocation itself; it hands
-the options here (which imports cyclopts, rich and attrs: tens of
-milliseconds of start-up) only for ``--help`` and ``--version``, and for what
-it does not read itself: a repeated option, an empty value, ``--verbose``
-given a value or set through the environment. The options, their help texts
+:func:`kubelock.cli.parse_args` reads the usual invocation, and a lone
+``--version``, itself; it hands the options here (which imports cyclopts,
+rich and attrs: tens of milliseconds of start-up) only for ``--help`` and for
+what it does not read itself: a repeated option, an empty value,
+``--verbose`` given a value or set through the environment. The options, their help texts
 and environment variables are declared here once; :data:`kubelock.cli.OPTIONS`
 lists the same names, and a unit test keeps the two equal.
 """
@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import cyclopts
 from cyclopts import App, Parameter
 
-from ._version import __version__
-from .cli import DEFAULT_OPTIONS, Options, env_var
+from .cli import DEFAULT_OPTIONS, VERSION_TEXT, Options, env_var
 from .errors import UsageError, one_line
 from .settings import LOCK_TYPES, LOG_FORMATS
 
@@ -199,7 +198,7 @@ def _make_app() -> App:
     app = App(
         name="kubelock",
         help=_DESCRIPTION,
-        version=f"kubelock {__version__}",
+        version=VERSION_TEXT,
         version_format="plaintext",
         help_format="plaintext",
         help_formatter=_GoStyleHelp(),

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -36,6 +34,8 @@ from kubelock.errors import (
 from kubelock.events import ApiRequest, Event
 from kubelock.kube.api import ApiClient, Target
 from kubelock.kube.auth import ClusterConfig
+
+from .fresh import output_of
 
 LEASE = Target("coordination.k8s.io", "v1", "leases", "ns", "app")
 LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/app"
@@ -429,7 +429,5 @@ def test_httpcore_is_imported_without_http2_and_asyncio_which_stay_importable() 
         "print(sorted(m for m in ('httpcore', 'h2', 'anyio') if m in sys.modules)); "
         "import h2.connection, anyio; print('importable')"
     )
-    shown = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, check=True
-    ).stdout
+    shown = output_of(check)
     assert shown.split() == ["['httpcore']", "importable"]

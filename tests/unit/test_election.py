@@ -14,7 +14,7 @@ import trio.testing
 
 from kubelock import events
 from kubelock.election import Elector
-from kubelock.errors import BadRequest, Forbidden
+from kubelock.errors import BadRequest, Forbidden, LeaseLost
 from kubelock.locks.base import Observed
 from kubelock.locks.record import LeaderElectionRecord
 from kubelock.settings import ElectionTiming
@@ -484,3 +484,54 @@ async def test_two_processes_with_the_same_identity_still_exclude_each_other(
     backend.write(LeaderElectionRecord("1", 15, None, None, 2))
     reason = await second.keep_renewing()
     assert "same identity" in reason
+
+
+async def test_holding_cancels_the_body_at_loss_and_then_raises_lease_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    store = a.store
+    assert isinstance(store, MemoryLock)
+    with pytest.raises(LeaseLost, match="renew deadline"):
+        async with a.holding() as held:
+            store.partitioned = True
+            await trio.sleep(3600)
+    # Cancelled when loss was decided (renew deadline 10 s), ahead of the safety
+    # deadline (a margin before held_until), and nothing was released.
+    assert trio.current_time() == pytest.approx(10)
+    assert held.lost is not None
+    assert "renew deadline" in held.lost
+    assert trio.current_time() < held.safety_deadline < held.held_until
+    assert backend.history[-1].record.holder_identity == "a"
+
+
+async def test_holding_lets_an_error_of_the_body_win_over_the_loss(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    store = a.store
+    assert isinstance(store, MemoryLock)
+    with pytest.raises(ValueError, match="clean-up failed"):
+        async with a.holding():
+            store.partitioned = True
+            try:
+                await trio.sleep(3600)
+            finally:
+                raise ValueError("clean-up failed")
+    assert a.lost_reason is not None
+
+
+async def test_holding_releases_when_the_body_ends(autojump_clock: trio.testing.MockClock) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    async with a.holding() as held:
+        await trio.sleep(40)  # renewed all along
+    assert held.lost is None
+    assert backend.current is not None
+    assert backend.current.record.holder_identity == ""
+    assert not a.is_holding

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
@@ -27,6 +25,8 @@ from kubelock.health import HEALTH_TOLERANCE, Health
 from kubelock.metrics import Metrics
 from kubelock.push import push, push_periodically
 from kubelock.testing.pushgateway import running_pushgateway
+
+from .fresh import output_of
 
 RENEW_DEADLINE = 10.0
 
@@ -318,7 +318,5 @@ def test_importing_the_module_loads_neither_prometheus_client_nor_hypercorn() ->
         "import sys, kubelock.metrics; "
         "print(sorted(m for m in ('prometheus_client', 'hypercorn') if m in sys.modules))"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, check=True
-    ).stdout
+    loaded = output_of(check)
     assert loaded.strip() == "[]"

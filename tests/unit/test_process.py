@@ -166,13 +166,16 @@ async def test_terminate_lets_a_cooperative_child_finish() -> None:
     assert status == 7
 
 
+async def stubborn_child(deadline: list[float | None]) -> Child:
+    """A child that ignores SIGTERM, with an hour's grace and the hard deadline ``deadline[0]``."""
+    return await Child.start(
+        signal_reporter(exit_on_term=False), grace_period=3600, hard_deadline=lambda: deadline[0]
+    )
+
+
 async def test_a_hard_deadline_earlier_than_the_grace_period_wins() -> None:
     deadline: list[float | None] = [None]
-    child = await Child.start(
-        signal_reporter(exit_on_term=False),
-        grace_period=3600,
-        hard_deadline=lambda: deadline[0],
-    )
+    child = await stubborn_child(deadline)
     with trio.fail_after(PATIENCE):
         await _wait_until_ready(child)
         began = trio.current_time()
@@ -206,11 +209,7 @@ async def test_cancelling_wait_terminates_the_child_and_propagates() -> None:
 
 async def test_cancellation_uses_the_current_hard_deadline() -> None:
     deadline: list[float | None] = [None]
-    child = await Child.start(
-        signal_reporter(exit_on_term=False),
-        grace_period=3600,
-        hard_deadline=lambda: deadline[0],
-    )
+    child = await stubborn_child(deadline)
     with trio.fail_after(PATIENCE):
         await _wait_until_ready(child)
         deadline[0] = trio.current_time() + 0.3  # a renewal moved the safety deadline
