@@ -5,6 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # lint, types, and the whole suite against a real kube-apiserver (what CI runs)
 test: lint test-tools
     uv run python -m kubelock.testing.assets
+    uv run python -m kubelock.testing.toxiproxy
     uv run pytest
 
 # ruff, mypy --strict and hadolint
