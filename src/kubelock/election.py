@@ -13,7 +13,8 @@ Safety model, said first (as client-go's package comment does):
   its last *successful* renewal request was **sent**, plus lease-duration.
   Every other contender saw that renewal land after it was sent, so none of
   them can consider the lease expired before ``held_until``. The guarded work
-  must be stopped before then; the CLI SIGKILLs its child ahead of it.
+  must be stopped before then; the CLI SIGKILLs its child ahead of it
+  (and its watchdog does, should kubelock itself be killed or frozen).
 * There is no fencing by the API server. ``fencing_token`` (the transition
   count at acquisition, which only grows) lets the guarded work refuse
   writes from an older holder, if the work's own storage can check it.

@@ -22,6 +22,9 @@ kubelock runs exactly one command (the *child*) per run:
   when needed) is given once, to :meth:`Child.start` or :func:`run_child`.
 - When the child is reaped, a :class:`~kubelock.events.ChildExited` goes to
   the observer (logging and metrics hang off it).
+- Given a :class:`~kubelock.watchdog.Watchdog`, the group is guarded from
+  its spawn until just before its reap, so it dies even when kubelock is
+  killed or frozen past the safety deadline.
 
 The group is only signalled while the child is unreaped (running, or a zombie
 that holds the group id), so a recycled PID can never be hit. On Linux this
