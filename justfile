@@ -5,6 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # lint, types, and the whole suite against a real kube-apiserver (what CI runs)
 test: lint test-tools
     uv run python -m kubelock.testing.assets
+    uv run python -m kubelock.testing.toxiproxy
     uv run pytest
 
 # ruff, mypy --strict and hadolint
@@ -49,12 +50,20 @@ minikube:
     kubectl apply -k examples/init-container
     kubectl -n kubelock-example rollout status deployment/example-app --timeout=5m
 
-# hand-off latency, a waiting contender's request rate, start-up cost
+# K contenders on one lock under seeded random faults (kills, freezes, control-plane restarts,
+# network faults through Toxiproxy); fails on any overlap. ARGS: --seconds --handoffs --seed ...
+chaos *ARGS:
+    uv run python -m kubelock.testing.assets
+    uv run python -m kubelock.testing.toxiproxy
+    uv run python -m tests.chaos {{ARGS}}
+
+# hand-off latency, a waiting contender's request rate, start-up cost, the watchdog's cost and speed
 bench:
     uv run python -m benchmarks.handoff
     uv run python -m benchmarks.herd
     uv run python -m benchmarks.once
     uv run python -m benchmarks.startup
+    uv run python -m benchmarks.safety
 
 # what the suite needs besides Python packages and the Go-built control plane
 test-tools:

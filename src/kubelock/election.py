@@ -13,7 +13,8 @@ Safety model, said first (as client-go's package comment does):
   its last *successful* renewal request was **sent**, plus lease-duration.
   Every other contender saw that renewal land after it was sent, so none of
   them can consider the lease expired before ``held_until``. The guarded work
-  must be stopped before then; the CLI SIGKILLs its child ahead of it.
+  must be stopped before then; the CLI SIGKILLs its child ahead of it
+  (and its watchdog does, should kubelock itself be killed or frozen).
 * There is no fencing by the API server. ``fencing_token`` (the transition
   count at acquisition, which only grows) lets the guarded work refuse
   writes from an older holder, if the work's own storage can check it.
@@ -47,11 +48,13 @@ import trio
 from .errors import (
     AlreadyDone,
     ApiError,
+    BadRequest,
     Conflict,
     Forbidden,
     Gone,
     LeaseLost,
     NotFound,
+    StatusError,
     Unauthorized,
     WaitTimedOut,
 )
@@ -86,7 +89,7 @@ WAITING_REPORT_INTERVAL = 30.0
 #: The longest a release may take before kubelock leaves the lease to expire.
 RELEASE_TIMEOUT = 5.0
 #: Errors that end waiting at once: retrying cannot fix them.
-FATAL_ERRORS = (Forbidden, Unauthorized)
+FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
 #: How long before ``held_until`` guarded work must be gone at the latest.
 SAFETY_MARGIN = 1.0
 
@@ -208,6 +211,8 @@ class Elector:
         self.held_until = -math.inf
         self.fencing_token: int | None = None
         self.lost_reason: str | None = None
+        #: Why the API refused the release (RBAC, credentials), if it did.
+        self.release_refused: StatusError | None = None
         self._warned_same_identity = False
         # The hand-off window (see locks/handoff.py): a waiter that sees the lock
         # come free waits a random delay before writing, once per version seen.
@@ -252,6 +257,11 @@ class Elector:
         lock is then released, shielded and bounded (:meth:`release`). An
         exception of the body propagates as itself, not in an ExceptionGroup,
         and wins over the loss.
+
+        A holder that was stopped or starved (SIGSTOP, a debugger, a blocked
+        loop) past :attr:`safety_deadline` counts the lock as lost when the
+        body ends, and writes nothing more to it. A release the API refuses
+        (:attr:`release_refused`) is raised after a body that ended cleanly.
         """
         if not self.is_holding:
             raise RuntimeError("holding() needs the lock to be acquired first")
@@ -273,12 +283,17 @@ class Elector:
                     # own exception rather than an ExceptionGroup.
                     body_error = error
                 nursery.cancel_scope.cancel()
+            if trio.current_time() >= self.safety_deadline:
+                # The work outlived the deadline (its watchdog killed it, if it has one).
+                self.abandon("kubelock was not running at the lease's safety deadline")
         finally:
             await self.release()
         if body_error is not None:
             raise body_error
         if self.lost_reason is not None:
             raise LeaseLost(f"lost the lock {store.describe()}: {self.lost_reason}")
+        if self.release_refused is not None:
+            raise self.release_refused
 
     # -- acquire --------------------------------------------------------------
 
@@ -287,7 +302,7 @@ class Elector:
 
         Cancellation (a signal while waiting) stops waiting at once; a write
         is only ever in flight when the lock looked free or expired.
-        ``Forbidden``/``Unauthorized`` end the wait with that error (nothing
+        ``Forbidden``/``Unauthorized``/``BadRequest`` end the wait with that error (nothing
         retrying could fix); other API errors are reported and retried.
 
         ``timeout``: give up with :class:`~kubelock.errors.WaitTimedOut` after
@@ -404,7 +419,7 @@ class Elector:
                 # Too old to resume: make the loop re-read, then watch from there.
                 self._observed = None
                 self._changed.set()
-            except FATAL_ERRORS as error:
+            except (Forbidden, Unauthorized) as error:
                 # Watching is not allowed (e.g. a Role written for the Go kubelock):
                 # polling every retry-period still works, only slower to hand off.
                 self._emit(
@@ -674,6 +689,15 @@ class Elector:
             self._wrote(updated, sent)
             return _Kept()
 
+    # -- giving up ------------------------------------------------------------
+
+    def abandon(self, reason: str) -> None:
+        """Count the lock as lost without writing anything more to it. Not a checkpoint."""
+        if not self.is_holding:
+            return
+        self.lost_reason = f"{reason}; others may hold it now, so nothing more is written"
+        self._emit(Lost(reason=self.lost_reason, held=self.held_for()))
+
     # -- release --------------------------------------------------------------
 
     def work_succeeded(self) -> None:
@@ -684,12 +708,18 @@ class Elector:
         """Give the lock back so the next contender starts at once; True when written.
 
         Shielded from cancellation and bounded by ``release_timeout``: when the API
-        cannot be reached, kubelock exits anyway and the lease expires.
-        Does nothing when the lock is not held (never acquired, or lost). After
-        :meth:`work_succeeded`, the same conditional write records the
-        :attr:`once` KEY as done.
+        cannot be reached, kubelock exits anyway and the lease expires. When the
+        API refuses (403, 401, 400), :attr:`release_refused` holds the error.
+        Does nothing when the lock is not held (never acquired, or lost), and
+        writes nothing once ``held_until`` has passed (a holder that was stopped
+        or starved): the lock then counts as lost (:meth:`abandon`), and an
+        :attr:`once` KEY is not recorded. After :meth:`work_succeeded`, the same
+        conditional write records the :attr:`once` KEY as done.
         """
         if not self.is_holding:
+            return False
+        if trio.current_time() >= self.held_until:
+            self.abandon("kubelock was not running at the lease's deadline")
             return False
         held = self.held_for()
         written = False
@@ -728,6 +758,9 @@ class Elector:
                 if fresh is None or not self._is_ours(fresh.record):
                     return False  # not ours any more: nothing to give back
                 current = fresh
+            except FATAL_ERRORS as error:
+                self.release_refused = error
+                return False
             except ApiError:
                 return False
         return False

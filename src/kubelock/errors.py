@@ -8,7 +8,7 @@ The tree, top to bottom (catch the level you care about)::
     ├── ApiError                  the Kubernetes API did not do what was asked
     │   ├── Unreachable           no answer: connection refused, TLS failure, timeout
     │   └── StatusError           the API server answered with a ``Status`` failure
-    │       ├── BadRequest        400 / 422: the request itself is wrong
+    │       ├── BadRequest        400 / 422: the request itself is wrong (exit 2)
     │       ├── Unauthorized      401: the credentials were not accepted
     │       ├── Forbidden         403: RBAC denies the verb on the resource
     │       ├── NotFound          404
@@ -126,7 +126,9 @@ class StatusError(ApiError):
 
 
 class BadRequest(StatusError):
-    """400 or 422: the request itself is wrong."""
+    """400 or 422: the request itself is wrong; retrying cannot help (exit 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 class Unauthorized(StatusError):

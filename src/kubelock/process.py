@@ -22,6 +22,9 @@ kubelock runs exactly one command (the *child*) per run:
   when needed) is given once, to :meth:`Child.start` or :func:`run_child`.
 - When the child is reaped, a :class:`~kubelock.events.ChildExited` goes to
   the observer (logging and metrics hang off it).
+- Given a :class:`~kubelock.watchdog.Watchdog`, the group is guarded from
+  its spawn until just before its reap, so it dies even when kubelock is
+  killed or frozen past the safety deadline.
 
 The group is only signalled while the child is unreaped (running, or a zombie
 that holds the group id), so a recycled PID can never be hit. On Linux this
@@ -38,6 +41,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -45,6 +49,9 @@ from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, KubelockError
 from .events import ChildExited, Observer
 from .reaper import is_init, outer_process_is_init, reap_orphans, registry
 from .settings import DEFAULT_GRACE_PERIOD
+
+if TYPE_CHECKING:
+    from .watchdog import Watchdog
 
 __all__ = [
     "FORWARDED_SIGNALS",
@@ -112,6 +119,7 @@ class Child:
         grace_period: float,
         hard_deadline: HardDeadline | None,
         observer: Observer | None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.argv = argv
         self.pid = process.pid
@@ -119,6 +127,7 @@ class Child:
         self.hard_deadline: HardDeadline = hard_deadline or (lambda: None)
         self._observer = observer
         self._process = process
+        self._watchdog = watchdog
         self._started_at = trio.current_time()
         self._watch_lock = trio.Lock()
         self._has_exited = False  # the pidfd said so; the child may still be unreaped
@@ -137,10 +146,13 @@ class Child:
         grace_period: float = DEFAULT_GRACE_PERIOD,
         hard_deadline: HardDeadline | None = None,
         observer: Observer | None = None,
+        watchdog: Watchdog | None = None,
     ) -> Child:
         """Spawn ``argv`` (searched on ``env``'s PATH) in a new process group.
 
         ``observer`` is told :class:`~kubelock.events.ChildExited` once it is reaped.
+        ``watchdog`` guards the new group from the moment it exists until the
+        child is reaped (see :mod:`kubelock.watchdog`).
 
         A checkpoint only before the process exists: once it is spawned,
         ``start`` returns it even if cancelled meanwhile (the cancellation
@@ -161,6 +173,8 @@ class Child:
             raise CannotRun(argv[0], error) from None
         else:
             registry.children.add(process.pid)
+            if watchdog is not None:
+                watchdog.guard(process.pid)
         finally:
             registry.spawning -= 1
         logger.debug("started %r as PID %d", argv[0], process.pid)
@@ -170,6 +184,7 @@ class Child:
             grace_period=grace_period,
             hard_deadline=hard_deadline,
             observer=observer,
+            watchdog=watchdog,
         )
         child._hand_terminal()
         return child
@@ -300,6 +315,8 @@ class Child:
     async def _reap(self) -> int:
         """Collect the exited child's status. A checkpoint only in the unlikely slow path."""
         if self._exited is None:
+            if self._watchdog is not None:  # while the zombie still holds the group id
+                self._watchdog.unguard()
             returncode = self._process.poll()  # the zombie is reaped here
             if returncode is None:  # pragma: no cover - exited, yet not reapable for an instant
                 returncode = await self._process.wait()
@@ -378,6 +395,7 @@ async def run_child(
     hard_deadline: HardDeadline | None = None,
     observer: Observer | None = None,
     reap: bool | None = None,
+    watchdog: Watchdog | None = None,
     task_status: trio.TaskStatus[Child] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run ``argv`` to the end: spawn, forward signals, reap orphans as PID 1; return its status.
@@ -397,7 +415,12 @@ async def run_child(
         reap = is_init() or outer_process_is_init()
     with trio.open_signal_receiver(*FORWARDED_SIGNALS) as received:
         child = await Child.start(
-            argv, env, grace_period=grace_period, hard_deadline=hard_deadline, observer=observer
+            argv,
+            env,
+            grace_period=grace_period,
+            hard_deadline=hard_deadline,
+            observer=observer,
+            watchdog=watchdog,
         )
         task_status.started(child)
         try:

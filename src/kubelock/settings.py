@@ -7,6 +7,7 @@ before anything is written to the cluster.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -60,6 +61,10 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
+#: Go's time.Duration is an int64 count of nanoseconds: nothing longer parses there.
+MAX_DURATION = (2**63 - 1) / 1e9
+#: leaseDurationSeconds is an int32 in every lock kind's record.
+MAX_LEASE_SECONDS = 2**31 - 1
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
@@ -87,6 +92,10 @@ def parse_duration(text: str) -> float:
             )
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
+    if total > MAX_DURATION:
+        raise ValueError(
+            f"invalid duration {text!r}: out of range (at most {format_duration(MAX_DURATION)})"
+        )
     return sign * total
 
 
@@ -133,9 +142,14 @@ def validate_timing(
 
     ``spell`` names each setting in messages, given its keyword: as the
     keyword itself by default (``retry_period``, as ``kubelock.Lock`` takes
-    it); the CLI passes :func:`flag` (``--retry-period``).
+    it); the CLI passes :func:`flag` (``--retry-period``). Also what the lock
+    records can hold: finite durations, a lease of at most
+    :data:`MAX_LEASE_SECONDS` (an int32 on the API server).
     """
     lease, renew, retry = spell("lease_duration"), spell("renew_deadline"), spell("retry_period")
+    for name, value in ((lease, lease_duration), (renew, renew_deadline), (retry, retry_period)):
+        if not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite duration (got {value})")
     if retry_period <= 0:
         raise UsageError(f"{retry} must be greater than zero (got {format_duration(retry_period)})")
     if lease_duration <= renew_deadline:
@@ -154,6 +168,12 @@ def validate_timing(
         raise UsageError(
             f"{lease} ({format_duration(lease_duration)}) must be at least 1s: "
             "Kubernetes stores it in whole seconds"
+        )
+    if math.ceil(lease_duration) > MAX_LEASE_SECONDS:
+        raise UsageError(
+            f"{lease} ({format_duration(lease_duration)}) must be at most "
+            f"{format_duration(MAX_LEASE_SECONDS)}: Kubernetes stores it as a 32-bit "
+            "number of seconds"
         )
 
 

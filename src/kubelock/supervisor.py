@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from .election import Elector
-from .errors import EXIT_LEASE_LOST, AlreadyDone, KubelockError, LeaseLost
-from .events import Event, Observer
+from .errors import EXIT_LEASE_LOST, AlreadyDone, KubelockError, LeaseLost, StatusError
+from .events import Acquired, Event, Observer, Renewed
 from .process import FORWARDED_SIGNALS, run_child
 from .settings import Settings
 
 if TYPE_CHECKING:
     from .kube.auth import ClusterConfig
+    from .watchdog import Watchdog
 
 __all__ = [
     "STOP_WAITING_SIGNALS",
@@ -48,14 +49,22 @@ STOP_WAITING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, 
 
 
 def run(settings: Settings) -> int:
-    """Run one kubelock invocation; return the exit status."""
+    """Run one kubelock invocation; return the exit status.
+
+    The watchdog is forked first, while kubelock has one thread and no event loop.
+    """
     from .kube.api import import_httpcore_lean
+    from .watchdog import Watchdog
 
     import_httpcore_lean()  # before trio starts threads
-    return trio.run(supervise, settings)
+    watchdog = Watchdog.start()
+    try:
+        return trio.run(supervise, settings, watchdog)
+    finally:
+        watchdog.close()
 
 
-async def supervise(settings: Settings) -> int:
+async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int:
     from .kube.auth import load_cluster
     from .log import log_event
 
@@ -97,7 +106,9 @@ async def supervise(settings: Settings) -> int:
                         from .push import push_periodically
 
                         services.start_soon(push_periodically, metrics, settings.pushgateway)
-                status = await _wait_and_run(settings, config, namespace, observe, signals)
+                status = await _wait_and_run(
+                    settings, config, namespace, observe, signals, watchdog
+                )
             except KubelockError as error:
                 failure = error  # re-raised outside the nursery, as itself
             services.cancel_scope.cancel()
@@ -116,14 +127,24 @@ async def _wait_and_run(
     namespace: str,
     observe: Observer,
     signals: AsyncIterator[int],
+    watchdog: Watchdog | None,
 ) -> int:
     from .locks import open_lock
+
+    def observe_and_guard(event: Event) -> None:
+        observe(event)
+        if watchdog is not None and isinstance(event, Acquired | Renewed):
+            watchdog.set_deadline(elector.safety_deadline)  # each move of the deadline
 
     async with open_lock(
         config, settings.lock_type, settings.name, namespace, observer=observe
     ) as store:
         elector = Elector(
-            store, settings.identity, settings.timing, observer=observe, once=settings.once
+            store,
+            settings.identity,
+            settings.timing,
+            observer=observe_and_guard,
+            once=settings.once,
         )
         logger.info("taking the lock %s as %s", store.describe(), settings.identity)
         try:
@@ -136,7 +157,7 @@ async def _wait_and_run(
                 "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
             )
             return 128 + stopped_by
-        return await _hold_and_run(settings, namespace, elector, observe)
+        return await _hold_and_run(settings, namespace, elector, observe, watchdog)
 
 
 async def _acquire_unless_stopped(
@@ -170,7 +191,11 @@ async def _acquire_unless_stopped(
 
 
 async def _hold_and_run(
-    settings: Settings, namespace: str, elector: Elector, observe: Observer
+    settings: Settings,
+    namespace: str,
+    elector: Elector,
+    observe: Observer,
+    watchdog: Watchdog | None,
 ) -> int:
     assert elector.fencing_token is not None
     env = dict(os.environ)
@@ -180,6 +205,7 @@ async def _hold_and_run(
         KUBELOCK_IDENTITY=settings.identity,
         KUBELOCK_FENCING_TOKEN=str(elector.fencing_token),
     )
+    status = 0
     try:
         async with elector.holding() as held:
             status = await run_child(
@@ -188,9 +214,16 @@ async def _hold_and_run(
                 grace_period=settings.grace_period,
                 hard_deadline=lambda: held.safety_deadline,
                 observer=observe,  # ChildExited: logged, and recorded in the metrics
+                watchdog=watchdog,
             )
             if status == 0:
                 elector.work_succeeded()  # --once: the release records KEY as done
+    except StatusError as refused:  # the release was refused: the run did not end cleanly
+        if refused is not elector.release_refused:
+            raise
+        logger.error("%s", refused)
+        if status == 0:
+            status = refused.exit_code
     except LeaseLost:
         logger.error(
             "lost the lock (%s): the command was stopped; exiting %d",

@@ -38,8 +38,9 @@ _EPILOGUE = """\
 Exit status:
   the command's own      it ran (128+N when killed by signal N)
   0                      also: with --once, KEY was already done (the command did not run)
-  1                      the lock could not be taken (for example RBAC denied it)
-  2                      bad usage or configuration; nothing was written
+  1                      the lock could not be taken or given back (RBAC denied it)
+  2                      bad usage or configuration, or a request the API server
+                         rejected as invalid; nothing was written
   75                     the lock was lost while the command ran; it was stopped
   124                    --timeout ran out while waiting for the lock; nothing written
   126, 127               the command could not be run, or was not found

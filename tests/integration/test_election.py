@@ -147,6 +147,7 @@ def test_blocking_hold_is_interrupted_when_the_api_server_goes_away(
     control_plane: ControlPlane, kubeconfig: Path, namespace: str
 ) -> None:
     stopper = threading.Timer(1.5, control_plane.stop_apiserver)
+    body_completed = False
     try:
         with (
             pytest.raises(LeaseLost),
@@ -154,6 +155,8 @@ def test_blocking_hold_is_interrupted_when_the_api_server_goes_away(
         ):
             stopper.start()
             time.sleep(120)  # blocking code: interrupted by the loss, not finished
+            body_completed = True
+        assert not body_completed  # LeaseLost was raised inside the body, not at its end
     finally:
         stopper.join()
         control_plane.start_apiserver()

@@ -174,29 +174,35 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def test_killing_the_executable_leaves_no_kubelock_behind(
+def test_killing_the_executable_leaves_no_kubelock_and_no_command_behind(
     use_executable: Path, in_cluster: InClusterFactory, namespace: str, tmp_path: Path
 ) -> None:
     """The file runs as two processes (PyInstaller's bootloader, then Python): SIGKILL to
-    the one users see, which cannot be forwarded, takes the other down too."""
+    the one users see, which cannot be forwarded, takes the other down too, and with it
+    (through the watchdog) the command's whole group."""
     ready = tmp_path / "ready"
     env = in_cluster(namespace, "kubelock", LEASE_RULES)
-    outer = spawn(
-        ["--name", "killed", "--", "sh", "-c", f"echo $$ > {ready}; exec sleep 60"], env=env
-    )
+    command = f"sleep 60 & echo $$ $! > {ready}.tmp; mv {ready}.tmp {ready}; exec sleep 60"
+    outer = spawn(["--name", "killed", "--", "sh", "-c", command], env=env)
+    group: list[int] = []
     try:
-        wait_for(lambda: ready.exists() and ready.read_text().strip(), what="the command to start")
+        wait_for(ready.exists, what="the command to start")
+        group = [int(pid) for pid in ready.read_text().split()]  # the command, its grandchild
         (inner,) = children(outer.pid)
         outer.kill()
         outer.wait(timeout=10)
         wait_for(lambda: not process_alive(inner), timeout=10, what="kubelock to die with it")
+        wait_for(
+            lambda: not any(process_alive(pid) for pid in group),
+            timeout=10,
+            what="the command and its grandchild to die with it",
+        )
     finally:
         if outer.poll() is None:
             outer.kill()
-        if ready.exists():
-            os.kill(
-                int(ready.read_text()), signal.SIGKILL
-            )  # the command, left as a crash leaves it
+        for pid in group:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def empty_root_runner() -> list[str] | None:

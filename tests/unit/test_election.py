@@ -14,7 +14,7 @@ import trio.testing
 
 from kubelock import events
 from kubelock.election import Elector
-from kubelock.errors import AlreadyDone, Forbidden, LeaseLost, WaitTimedOut
+from kubelock.errors import AlreadyDone, BadRequest, Forbidden, LeaseLost, WaitTimedOut
 from kubelock.locks.base import Observed
 from kubelock.locks.handoff import DEFAULT_WINDOW, SPREAD_FACTOR, next_window
 from kubelock.locks.once import DONE_ANNOTATION, DONE_KEEP, done_keys
@@ -314,6 +314,59 @@ async def test_forbidden_ends_the_wait_with_the_error_itself(
     store.get = forbidden  # type: ignore[method-assign]
     with pytest.raises(Forbidden):
         await b.acquire()
+
+
+async def test_an_invalid_request_ends_the_wait_after_one_try(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    b = contender(backend, "b")
+    store = b.store
+    assert isinstance(store, MemoryLock)
+
+    async def invalid(record: LeaderElectionRecord) -> None:
+        store.requests.append("create")
+        raise BadRequest("invalid", status_code=422, verb="create", resource="leases")
+
+    store.create = invalid  # type: ignore[assignment,method-assign]
+    with pytest.raises(BadRequest):
+        await b.acquire()
+    assert store.requests.count("create") == 1
+
+
+async def test_a_refused_release_is_kept_for_the_caller(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    store = a.store
+    assert isinstance(store, MemoryLock)
+    refusal = Forbidden("no update", status_code=403, verb="update", resource="leases")
+
+    async def forbidden(record: LeaderElectionRecord, current: object, **_: object) -> None:
+        raise refusal
+
+    store.update = forbidden  # type: ignore[assignment,method-assign]
+    assert await a.release() is False
+    assert a.release_refused is refusal
+
+
+async def test_a_holder_resumed_past_its_deadline_writes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[events.Event] = []
+    backend = MemoryBackend()
+    a = contender(backend, "a", seen)
+    await a.acquire()
+    writes = len(backend.history)
+    autojump_clock.jump(TIMING.lease_duration)  # frozen: no renewal ran meanwhile
+    assert trio.current_time() >= a.held_until
+    assert await a.release() is False
+    assert len(backend.history) == writes
+    assert a.lost_reason is not None
+    assert any(isinstance(event, events.Lost) for event in seen)
+    assert not any(isinstance(event, events.Released) for event in seen)
 
 
 async def test_a_dropped_watch_is_reopened(autojump_clock: trio.testing.MockClock) -> None:

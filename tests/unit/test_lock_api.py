@@ -5,6 +5,7 @@ The same API is exercised against the real kube-apiserver in tests/integration.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ import trio
 import trio.testing
 
 import kubelock
-from kubelock.errors import LeaseLost
+from kubelock.errors import LeaseLost, UsageError
 
 from .memstore import MemoryBackend, MemoryLock
 
@@ -103,6 +104,7 @@ def test_blocking_hold_interrupts_blocking_code_when_the_lease_is_lost() -> None
     backend = MemoryBackend()
     store = MemoryLock(backend, "a")
     started = time.monotonic()
+    body_completed = False
     with (
         pytest.raises(LeaseLost),
         kubelock.hold(
@@ -116,6 +118,8 @@ def test_blocking_hold_interrupts_blocking_code_when_the_lease_is_lost() -> None
     ):
         store.partitioned = True
         time.sleep(60)  # a blocking call, interrupted by the signal
+        body_completed = True
+    assert not body_completed  # LeaseLost was raised inside the body, not at its end
     # Interrupted well before the 60 s sleep ended (generous bound, not a timing claim).
     assert time.monotonic() - started < 30
 
@@ -169,3 +173,9 @@ def test_lock_names_its_keywords_in_mistakes() -> None:
         kubelock.Lock("lock", timeout=-1)
     with pytest.raises(kubelock.UsageError, match=r"^invalid once KEY 'a b'"):
         kubelock.Lock("lock", once="a b")
+
+
+@pytest.mark.parametrize("lease_duration", [math.inf, math.nan, 2.0**31])
+def test_durations_a_lease_cannot_hold_are_refused_up_front(lease_duration: float) -> None:
+    with pytest.raises(UsageError):
+        kubelock.Lock("x", lease_duration=lease_duration)

@@ -554,8 +554,8 @@ def _status_error(
     if code in (400, 422):
         kind = BadRequest
         text = (
-            f"{head}: the request was rejected as invalid; the API server may be too old "
-            "for this lock kind, or this is a kubelock bug worth reporting"
+            f"{head}: the API server rejected the request as invalid (HTTP {code}), "
+            "so kubelock stops instead of retrying; fix what the server names"
         )
     elif code == 401:
         kind = Unauthorized

@@ -31,3 +31,6 @@ GO_MINIMUM: Final = (1, 26)
 PUSHGATEWAY_VERSION: Final = "v1.11.4"
 """The Pushgateway for the metrics tests: `github.com/prometheus/pushgateway` when
 the Go module proxy serves it, else Debian's `prometheus-pushgateway` on PATH."""
+
+TOXIPROXY_VERSION: Final = "v2.5.0"
+"""The fault-injecting TCP proxy of the chaos suite: `github.com/Shopify/toxiproxy/v2`."""
