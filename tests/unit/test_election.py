@@ -26,6 +26,13 @@ from .memstore import MemoryBackend, MemoryLock
 TIMING = ElectionTiming(lease_duration=15, renew_deadline=10, retry_period=2)
 
 
+def memory_store(elector: Elector) -> MemoryLock:
+    """The in-memory store a `contender` was made with."""
+    store = elector.store
+    assert isinstance(store, MemoryLock)
+    return store
+
+
 def contender(
     backend: MemoryBackend,
     identity: str,
@@ -132,8 +139,7 @@ async def test_release_is_seen_through_the_watch_not_the_poll(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.acquire)
         await trio.sleep(5)
-        store = b.store
-        assert isinstance(store, MemoryLock)
+        store = memory_store(b)
         gets_before = store.requests.count("get")
         await a.release()
     # One update, no GET: the watch delivered the released record.
@@ -151,8 +157,7 @@ async def test_a_release_watched_during_a_poll_is_not_lost_to_the_older_answer(
     a = contender(backend, "a")
     await a.acquire()  # and a never renews, so b's watch goes quiet and b polls
     b = contender(backend, "b", defer=False)
-    store = b.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(b)
     acquired_at: list[float] = []
 
     async def wait_b() -> None:
@@ -188,8 +193,7 @@ async def test_without_watch_a_waiter_polls_every_retry_period_with_jitter(
     await a.acquire()
     seen: list[events.Event] = []
     b = contender(backend, "b", seen)
-    store = b.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(b)
     store.watch_forbidden = True
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.acquire)
@@ -209,8 +213,7 @@ async def test_holder_that_cannot_renew_reports_loss_before_anyone_may_take_over
     seen: list[events.Event] = []
     a = contender(backend, "a", seen)
     await a.acquire()
-    store = a.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(a)
     lost_at: list[float] = []
     b_acquired_at: list[float] = []
     b = contender(backend, "b")
@@ -241,8 +244,7 @@ async def test_a_hanging_renewal_is_cut_at_the_renew_deadline(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    store = a.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(a)
     store.hanging = True
     reason = await a.keep_renewing()
     assert trio.current_time() == pytest.approx(10)
@@ -305,8 +307,7 @@ async def test_forbidden_ends_the_wait_with_the_error_itself(
 ) -> None:
     backend = MemoryBackend()
     b = contender(backend, "b")
-    store = b.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(b)
 
     async def forbidden() -> None:
         raise Forbidden("no", status_code=403, verb="get", resource="leases")
@@ -321,8 +322,7 @@ async def test_an_invalid_request_ends_the_wait_after_one_try(
 ) -> None:
     backend = MemoryBackend()
     b = contender(backend, "b")
-    store = b.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(b)
 
     async def invalid(record: LeaderElectionRecord) -> None:
         store.requests.append("create")
@@ -340,8 +340,7 @@ async def test_a_refused_release_is_kept_for_the_caller(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    store = a.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(a)
     refusal = Forbidden("no update", status_code=403, verb="update", resource="leases")
 
     async def forbidden(record: LeaderElectionRecord, current: object, **_: object) -> None:
@@ -379,8 +378,7 @@ async def test_a_dropped_watch_is_reopened(autojump_clock: trio.testing.MockCloc
         await trio.sleep(1)
         backend.drop_watches()
         await trio.sleep(1)
-        store = b.store
-        assert isinstance(store, MemoryLock)
+        store = memory_store(b)
         assert store.requests.count("watch") == 2
         await a.release()
     assert trio.current_time() == pytest.approx(2)
@@ -440,8 +438,7 @@ async def test_a_waiter_with_a_live_watch_makes_no_requests_of_its_own(
     a = contender(backend, "a")
     await a.acquire()
     b = contender(backend, "b")
-    store = b.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(b)
     with trio.move_on_after(600):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.keep_renewing)
@@ -457,8 +454,7 @@ async def test_a_quiet_watch_falls_back_to_polling(
     a = contender(backend, "a")
     await a.acquire()
     b = contender(backend, "b")
-    store = b.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(b)
     # The holder renews, but b's watch never hears of it (a silently broken watch).
     backend.deliver_to_watchers = False
     with trio.move_on_after(60):
@@ -519,8 +515,7 @@ async def test_timeout_zero_tries_once(autojump_clock: trio.testing.MockClock) -
     with pytest.raises(WaitTimedOut):
         await b.acquire(timeout=0)
     assert trio.current_time() == 0
-    store = b.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(b)
     assert store.requests == ["get"]
     # A free lock is taken by that one try.
     backend.write(LeaderElectionRecord())
@@ -733,8 +728,7 @@ async def test_holding_cancels_the_body_at_loss_and_then_raises_lease_lost(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    store = a.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(a)
     with pytest.raises(LeaseLost, match="renew deadline"):
         async with a.holding() as held:
             store.partitioned = True
@@ -754,8 +748,7 @@ async def test_holding_lets_an_error_of_the_body_win_over_the_loss(
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
-    store = a.store
-    assert isinstance(store, MemoryLock)
+    store = memory_store(a)
     with pytest.raises(ValueError, match="clean-up failed"):
         async with a.holding():
             store.partitioned = True
