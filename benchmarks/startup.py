@@ -25,7 +25,7 @@ LEASE_RULES = [
     {
         "apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"],
-        "verbs": ["get", "create", "update", "watch"],
+        "verbs": ["get", "create", "update", "patch", "watch"],
     }
 ]
 

@@ -21,9 +21,13 @@ Safety model, said first (as client-go's package comment does):
 
 Waiting is event-driven: a watch on the single lock object wakes a waiter as
 soon as the holder releases. Polling every retry-period (with jitter) is the
-fallback whenever the watch is down or not allowed. On a release, a waiter
-first waits a random delay in the published hand-off window
-(:mod:`kubelock.locks.handoff`), so that one waiter writes rather than all.
+fallback whenever the watch is down or not allowed. A waiter joins the queue
+on the lock object (:mod:`kubelock.locks.queue`), so on a release only the
+first in line writes, first come, first served. A waiter outside the queue
+(``acquire(timeout=...)``, or a Role without ``patch``) goes after everyone in
+it, and when the queue is empty waits a random delay in the published hand-off
+window first (:mod:`kubelock.locks.handoff`), so that one waiter writes rather
+than all.
 
 With ``once``, the release after successful work also records the KEY on the
 lock object (:mod:`kubelock.locks.once`) in the same conditional write, and a
@@ -42,6 +46,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from datetime import datetime
+from typing import Any
 
 import trio
 
@@ -72,6 +77,7 @@ from .events import (
 from .locks.base import LockStore, Observed
 from .locks.handoff import handoff_annotation, handoff_window, next_window
 from .locks.once import DoneKey, done_annotation, find_done
+from .locks.queue import TURN_TIMEOUT, Waiter, ahead_of, entry, queue_key, removals, waiters
 from .locks.record import LeaderElectionRecord, utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
 
@@ -182,6 +188,8 @@ class Elector:
         release_timeout: float = RELEASE_TIMEOUT,
         once: str | None = None,
         defer_on_release: bool = True,
+        queue: bool = True,
+        turn_timeout: float = TURN_TIMEOUT,
     ) -> None:
         if not identity:
             raise ValueError("identity must not be empty")
@@ -224,6 +232,13 @@ class Elector:
         self._write_at = -math.inf
         self._lateness = 0.0
         self._publish_window: float | None = None
+        # The queue (see locks/queue.py): whether this contender may join it, for
+        # this acquire; whether it has an entry; whom it passed over in line.
+        self._queue = queue
+        self._turn_timeout = turn_timeout
+        self._in_queue = False
+        self._joined = False
+        self._passed: list[Waiter] = []
 
     # -- public state ---------------------------------------------------------
 
@@ -313,14 +328,21 @@ class Elector:
         """
         self._started = trio.current_time()
         give_up_at = math.inf if timeout is None else self._started + max(timeout, 0.0)
+        # A waiter with a time limit stays out of the queue, so that giving up
+        # leaves nothing written.
+        self._in_queue = self._queue and timeout is None
         fatal: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                await self._acquire_loop(nursery, give_up_at)
-            except (*FATAL_ERRORS, WaitTimedOut, AlreadyDone) as error:
-                # Raised outside the nursery, so callers see the error itself.
-                fatal = error
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._acquire_loop(nursery, give_up_at)
+                except (*FATAL_ERRORS, WaitTimedOut, AlreadyDone) as error:
+                    # Raised outside the nursery, so callers see the error itself.
+                    fatal = error
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.fencing_token is None or fatal is not None:
+                await self._leave_queue()
         if fatal is not None:
             raise fatal
         assert self.fencing_token is not None
@@ -511,8 +533,17 @@ class Elector:
                         "own --id (waiting until it releases or its lease expires)"
                     )
                 )
+            await self._join_queue(current)
             return False
-        if self._defer_on_release and not first_look and not old.is_held:
+        if await self._wait_for_turn(current, expiry):
+            return False
+        if (
+            self._defer_on_release
+            and not first_look
+            and not old.is_held
+            and not self._joined
+            and not self._passed
+        ):
             if self._defer(current):
                 return False
             # Let the watch hand over anything already received: a winner's write
@@ -522,9 +553,11 @@ class Elector:
                 return False
 
         record = self._record(self.identity, transitions=old.leader_transitions + 1)
+        # Our own entry, and those of the waiters we passed over, go in the same write.
+        leaving = [*self._passed, *(w for w in waiters(current.raw) if w.identity == self.identity)]
         sent = trio.current_time()
         try:
-            updated = await self.store.update(record, current)
+            updated = await self.store.update(record, current, annotations=removals(leaving))
         except Conflict:
             # Somebody else wrote first: never overwrite. Their record arrives
             # through the watch (which wakes the loop) or the next poll.
@@ -533,9 +566,92 @@ class Elector:
             self._observed = None
             return False
         self._took(updated, sent)
+        self._joined = False
         if self._deferred_for == current.resource_version:
             self._publish_window = next_window(self._window, self._delay, self._lateness)
         return True
+
+    async def _join_queue(self, current: Observed) -> None:
+        """Add this waiter's entry to the queue, unless it has one (or stays out)."""
+        if not self._in_queue:
+            return
+        key = queue_key(self.identity)
+        if key in _annotations(current.raw):
+            self._joined = True
+            return
+        if self._joined:
+            # Passed over (it was too slow to take its turn, or an admin removed
+            # it): join again, at the back.
+            self._emit(
+                WaitFailed(
+                    error="this waiter's place in the queue was given up; joining the queue again"
+                )
+            )
+        mine = entry(self.identity, self._wall_clock(), self.once)
+        try:
+            joined = await self.store.annotate({key: mine.value()})
+        except Forbidden as error:
+            # A Role written for the Go kubelock (no patch): wait outside the queue.
+            self._in_queue = False
+            self._emit(
+                WaitFailed(
+                    error=f"{error}; waiting outside the queue (grant patch on the lock "
+                    "for first come, first served)"
+                )
+            )
+            return
+        except NotFound:
+            self._observed = None
+            return
+        self._joined = True
+        self._observe(joined)
+
+    async def _wait_for_turn(self, current: Observed, expiry: float | None) -> bool:
+        """True while waiters ahead of this one in the queue have the lock's turn.
+
+        The lock is free (released, or its lease expired). The first in line
+        writes at once; the waiter ``k`` places back writes ``k`` turn timeouts
+        after the lock was seen free, passing over those ahead.
+        """
+        line = waiters(current.raw)
+        if not line:
+            self._passed = []
+            return False
+        if self._in_queue and queue_key(self.identity) not in _annotations(current.raw):
+            await self._join_queue(current)
+            current = self._observed or current
+        ahead = ahead_of(current.raw, self.identity)
+        if not ahead:
+            self._passed = []
+            return False
+        free_since = expiry if expiry is not None else self._observed_time
+        turn = free_since + len(ahead) * self._turn_timeout
+        if trio.current_time() < turn:
+            self._write_at = turn
+            return True
+        self._passed = ahead
+        return False
+
+    async def _leave_queue(self) -> None:
+        """Remove this waiter's entry when it stops waiting without the lock.
+
+        Shielded and bounded, as a release is. Nothing to do when it never
+        joined, or its entry is gone (a release that recorded its ``once`` KEY
+        removes it).
+        """
+        if not self._joined:
+            return
+        self._joined = False
+        known = self._observed.raw if self._observed is not None else {}
+        key = queue_key(self.identity)
+        if known and key not in _annotations(known):
+            return
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(self._release_timeout),
+            contextlib.suppress(ApiError),
+        ):
+            await self.store.annotate({key: None})
 
     def _defer(self, current: Observed) -> bool:
         """True while this waiter should hold back its write on a lock that was released.
@@ -739,7 +855,7 @@ class Elector:
             record = self._record(
                 "", transitions=current.record.leader_transitions, lease_duration_seconds=1
             )
-            annotations: dict[str, str] = {}
+            annotations: dict[str, str | None] = {}
             if self._publish_window is not None:
                 annotations.update(handoff_annotation(self._publish_window))
             if self.once is not None and self._succeeded:
@@ -747,6 +863,8 @@ class Elector:
                 at = record.renew_time
                 done = DoneKey(self.once, self.identity, at, self.fencing_token)
                 annotations.update(done_annotation(current.raw, done))
+                # Those waiting for the same KEY have nothing left to wait for.
+                annotations.update(removals(w for w in waiters(current.raw) if w.once == self.once))
             try:
                 self._observed = await self.store.update(record, current, annotations=annotations)
                 return True
@@ -770,3 +888,8 @@ def describe_done(done: DoneKey) -> str:
     """``done by 'pod-a' at 2026-...Z (fencing token 3)``, for messages."""
     at = f" at {done.at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if done.at is not None else ""
     return f"done by {done.by!r}{at} (fencing token {done.fencing_token})"
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, Any]:
+    metadata = obj.get("metadata") or {}
+    return metadata.get("annotations") or {}

@@ -31,7 +31,7 @@ from kubelock.testing import ControlPlane, IdentityFactory, InClusterFactory
 LEASE_RULE = {
     "apiGroups": ["coordination.k8s.io"],
     "resources": ["leases"],
-    "verbs": ["get", "create", "update", "watch"],
+    "verbs": ["get", "create", "update", "patch", "watch"],
 }
 
 

@@ -398,7 +398,7 @@ def test_in_cluster_it_finds_its_namespace_and_runs(
             {
                 "apiGroups": ["coordination.k8s.io"],
                 "resources": ["leases"],
-                "verbs": ["get", "create", "update", "watch"],
+                "verbs": ["get", "create", "update", "patch", "watch"],
             }
         ],
     )
@@ -536,7 +536,7 @@ def test_renewals_survive_a_rotated_service_account_token(
             {
                 "apiGroups": ["coordination.k8s.io"],
                 "resources": ["leases"],
-                "verbs": ["get", "create", "update", "watch"],
+                "verbs": ["get", "create", "update", "patch", "watch"],
             }
         ],
     )

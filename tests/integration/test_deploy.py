@@ -9,11 +9,13 @@ Against the real kube-apiserver:
   life of a lock cleanly (the first run creates the Lease, a later holder
   takes it over, a waiter waits for it, each one releases it); without `get`,
   `create` or `update`, some step of that life fails with kubelock's RBAC
-  message naming the verb. `watch` is the one optional verb: without it the
-  same life still succeeds, because a waiter whose watch is refused polls
-  every --retry-period instead; it is in the base because with it a release
-  wakes the waiters within milliseconds instead of up to ~2 retry periods
-  (see benchmarks/ for hand-off latency, not an assert here);
+  message naming the verb. `watch` and `patch` are optional: without either
+  the same life still succeeds, because a waiter whose watch is refused polls
+  every --retry-period instead, and one that may not patch waits outside the
+  queue; they are in the base because with watch a release wakes the waiters
+  within milliseconds instead of up to ~2 retry periods, and with patch
+  waiters take turns first come, first served (see benchmarks/ for hand-off
+  latency and writes, not an assert here);
 - the init-container example's story: three "Pods" (processes with a Pod's
   in-cluster environment, running the init container's own command) migrate
   one at a time, and only the first finds anything to do.
@@ -45,13 +47,14 @@ COMPONENTS = REPO / "deploy" / "kustomize" / "components"
 EXAMPLE = REPO / "examples" / "init-container"
 
 LOCK_NAME = "example-app"  # kubelock's default --name, and the base Role's resourceNames
-VERBS = ("get", "create", "update", "watch")
+VERBS = ("get", "create", "update", "patch", "watch")
 # Short, valid timings so that waiting out a lease (no `update`: no release) takes seconds.
 QUICK = ["--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms"]
 RBAC_MESSAGE = "cannot {verb} {resource}"
 RBAC_REFUSAL = re.compile(r"cannot (\w+) (leases|endpoints|configmaps)\b")
 # kubelock --verbose logs each API call; a refused watch reads like "API watch: 403 in 3ms".
 WATCH_REFUSED = re.compile(r"\bwatch\b.*\b403\b")
+QUEUE_JOINED = re.compile(r"\bpatch\b.*\b200\b")
 
 
 def kustomization_dirs() -> list[Path]:
@@ -322,6 +325,8 @@ def test_with_the_shipped_role_a_lock_lives_its_whole_life_cleanly(
 
     assert_clean(results)
     assert not WATCH_REFUSED.search(results["waiter"].stderr), show(results)
+    # The waiter joined the queue (its one merge patch) rather than waiting outside it.
+    assert QUEUE_JOINED.search(results["waiter"].stderr), show(results)
 
 
 @pytest.mark.parametrize("verb", ["get", "create", "update"])
@@ -360,6 +365,19 @@ def test_without_watch_waiters_poll_and_the_lock_still_lives_its_whole_life(
     # The waiter did try to watch, was refused, said it polls instead, and got the lock.
     assert WATCH_REFUSED.search(results["waiter"].stderr), show(results)
     assert re.search(r"cannot watch leases .* polling every", results["waiter"].stderr)
+
+
+def test_without_patch_waiters_wait_outside_the_queue_and_the_lock_still_lives(
+    control_plane: ControlPlane, admin: httpx.Client, namespace: str, tmp_path: Path
+) -> None:
+    apply_base_rbac(control_plane, admin, tmp_path, namespace, without="patch")
+    env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
+
+    results = life_of_a_lock(env, "leases", admin, namespace)
+
+    assert_clean(results, refused_verbs=frozenset({"patch"}))
+    # The waiter tried to join the queue, was refused, said so, and got the lock.
+    assert re.search(r"cannot patch leases .* waiting outside the queue", results["waiter"].stderr)
 
 
 # -- the init-container example's story ----------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Mapping
 
 import trio
 
-from kubelock.errors import AlreadyExists, Conflict, Forbidden, Gone, Unreachable
+from kubelock.errors import AlreadyExists, Conflict, Forbidden, Gone, NotFound, Unreachable
 from kubelock.locks.base import Observed
 from kubelock.locks.record import LeaderElectionRecord
 
@@ -26,6 +26,7 @@ class Write:
     by: str  # the view that wrote it
     record: LeaderElectionRecord
     resource_version: str
+    verb: str = "update"  # "patch": a queue entry, the record untouched
 
 
 class MemoryBackend:
@@ -34,7 +35,8 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.current: Observed | None = None
         self.version = 0
-        self.history: list[Write] = []
+        self.history: list[Write] = []  # writes of the record
+        self.patches: list[Write] = []  # queue entries (merge patches), the record untouched
         self._watchers: list[trio.MemorySendChannel[Observed]] = []
         self.compacted_below = 0
         self.deliver_to_watchers = True  # False: watches stay open but silent
@@ -43,19 +45,22 @@ class MemoryBackend:
         self,
         record: LeaderElectionRecord,
         by: str,
-        annotations: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str | None] | None = None,
+        verb: str = "update",
     ) -> Observed:
         self.version += 1
         raw = self.current.raw if self.current is not None else {}
         kept = dict((raw.get("metadata") or {}).get("annotations") or {})
         kept.update(annotations or {})
+        kept = {key: value for key, value in kept.items() if value is not None}
         observed = Observed(
             record=record,
             resource_version=str(self.version),
             raw={"metadata": {"annotations": kept}} if kept else {},
         )
         self.current = observed
-        self.history.append(Write(trio.current_time(), by, record, observed.resource_version))
+        write = Write(trio.current_time(), by, record, observed.resource_version, verb)
+        (self.history if verb == "update" else self.patches).append(write)
         if not self.deliver_to_watchers:
             return observed
         for send in list(self._watchers):
@@ -91,6 +96,7 @@ class MemoryLock:
         self.partitioned = False  # requests fail at once, as with connection refused
         self.hanging = False  # requests never answer (until cancelled)
         self.watch_forbidden = False
+        self.patch_forbidden = False
         self.requests: list[str] = []
 
     def describe(self) -> str:
@@ -124,13 +130,22 @@ class MemoryLock:
         record: LeaderElectionRecord,
         current: Observed,
         *,
-        annotations: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str | None] | None = None,
     ) -> Observed:
         await self._request("update")
         stored = self.backend.current
         if stored is None or stored.resource_version != current.resource_version:
             raise Conflict("the object has been modified", status_code=409, reason="Conflict")
         return self.backend._store(record, self.view, annotations)
+
+    async def annotate(self, annotations: Mapping[str, str | None]) -> Observed:
+        await self._request("patch")
+        if self.patch_forbidden:
+            raise Forbidden("patch is forbidden", status_code=403, reason="Forbidden")
+        stored = self.backend.current
+        if stored is None:
+            raise NotFound("not found", status_code=404, reason="NotFound")
+        return self.backend._store(stored.record, self.view, annotations, verb="patch")
 
     async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
         await self._request("watch")

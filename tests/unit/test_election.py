@@ -18,6 +18,7 @@ from kubelock.errors import AlreadyDone, BadRequest, Forbidden, LeaseLost, WaitT
 from kubelock.locks.base import Observed
 from kubelock.locks.handoff import DEFAULT_WINDOW, SPREAD_FACTOR, next_window
 from kubelock.locks.once import DONE_ANNOTATION, DONE_KEEP, done_keys
+from kubelock.locks.queue import waiters
 from kubelock.locks.record import LeaderElectionRecord
 from kubelock.settings import ElectionTiming
 
@@ -40,9 +41,10 @@ def contender(
     *,
     once: str | None = None,
     defer: bool = True,
+    queue: bool = True,
 ) -> Elector:
     """A contender; ``defer=False`` writes the moment a release is seen (no hand-off window),
-    for the tests of the watch's exact timing."""
+    for the tests of the watch's exact timing; ``queue=False`` never joins the queue."""
     return Elector(
         MemoryLock(backend, identity),
         identity,
@@ -51,6 +53,7 @@ def contender(
         rng=random.Random(identity),
         once=once,
         defer_on_release=defer,
+        queue=queue,
     )
 
 
@@ -443,8 +446,11 @@ async def test_a_waiter_with_a_live_watch_makes_no_requests_of_its_own(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.keep_renewing)
             nursery.start_soon(b.acquire)
-    # Ten minutes of waiting: one read, one watch, and the renewals arrive through it.
-    assert store.requests == ["get", "watch"]
+    # Ten minutes of waiting: one read, its entry in the queue, one watch, and the
+    # renewals arrive through it; when it stops waiting, it takes its entry out.
+    assert store.requests == ["get", "patch", "watch", "patch"]
+    assert backend.current is not None
+    assert waiters(backend.current.raw) == []
 
 
 async def test_a_quiet_watch_falls_back_to_polling(
@@ -680,7 +686,7 @@ async def test_the_window_keeps_writes_near_two_per_turn_where_the_herd_writes_m
         stores: list[MemoryLock] = []
 
         async def run(name: str) -> None:
-            elector = contender(backend, name, defer=defer)
+            elector = contender(backend, name, defer=defer, queue=False)
             assert isinstance(elector.store, MemoryLock)
             elector.store.latency = 0.002  # each request takes 2 ms
             stores.append(elector.store)
@@ -706,20 +712,20 @@ async def test_the_window_keeps_writes_near_two_per_turn_where_the_herd_writes_m
 def test_the_published_window_shrinks_for_one_waiter_and_grows_with_many() -> None:
     rng = random.Random(7)
     settled = {}
-    for waiters in (1, 10, 100):
+    for crowd in (1, 10, 100):
         window = DEFAULT_WINDOW
         seen = []
         for _ in range(300):
-            delay = min(window * rng.random() for _ in range(waiters))
+            delay = min(window * rng.random() for _ in range(crowd))
             window = next_window(window, delay, lateness=0.01)
             seen.append(window)
-        settled[waiters] = sorted(seen[100:])[100]  # the median after settling
+        settled[crowd] = sorted(seen[100:])[100]  # the median after settling
     assert settled[1] < 0.01  # alone: a delay of a few milliseconds at most
     # With others: about SPREAD_FACTOR x lateness per other waiter (the estimate is
     # biased high by the minimum's skew, e**0.577 = 1.8).
-    for waiters in (10, 100):
-        expected = SPREAD_FACTOR * 0.01 * (waiters - 1)
-        assert expected / 2 < settled[waiters] < expected * 4, (waiters, settled)
+    for crowd in (10, 100):
+        expected = SPREAD_FACTOR * 0.01 * (crowd - 1)
+        assert expected / 2 < settled[crowd] < expected * 4, (crowd, settled)
 
 
 async def test_holding_cancels_the_body_at_loss_and_then_raises_lease_lost(

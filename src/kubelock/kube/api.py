@@ -209,7 +209,7 @@ class ApiClient:
     def __repr__(self) -> str:
         return f"ApiClient({self.config.server!r}, source={self.config.source!r})"
 
-    # -- the four calls -----------------------------------------------------------
+    # -- the calls ---------------------------------------------------------------
 
     async def get(
         self,
@@ -252,6 +252,28 @@ class ApiClient:
     ) -> dict[str, Any]:
         """PUT ``body``; ``Conflict`` when its ``metadata.resourceVersion`` is stale."""
         return await self._call("update", "PUT", target, target.path, body=body, timeout=timeout)
+
+    async def merge_patch(
+        self,
+        target: Target,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386) of ``target``: not conditional, so never a 409.
+
+        Only for changes that are the same whenever they land (setting or, with
+        ``None``, removing annotations), so it may be sent again.
+        """
+        return await self._call(
+            "patch",
+            "PATCH",
+            target,
+            target.path,
+            body=body,
+            content_type="application/merge-patch+json",
+            timeout=timeout,
+        )
 
     async def watch(
         self,
@@ -316,6 +338,7 @@ class ApiClient:
         path: str,
         *,
         body: dict[str, Any] | None = None,
+        content_type: str | None = None,
         may_repeat: bool = True,
         timeout: float | None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
@@ -335,7 +358,9 @@ class ApiClient:
             retry_after: float | None = None
             with trio.move_on_at(deadline) as request_scope:
                 try:
-                    response = await self._authorized(verb, target, method, path, json=body)
+                    response = await self._authorized(
+                        verb, target, method, path, json=body, content_type=content_type
+                    )
                 except _NoAnswer as failure:
                     error = self._no_answer(verb, target, failure)
                     if failure.tls_rejected or not (may_repeat or failure.sent_nothing):
@@ -406,6 +431,7 @@ class ApiClient:
         path: str,
         *,
         json: dict[str, Any] | None = None,
+        content_type: str | None = None,
         params: dict[str, str] | None = None,
         read_timeout: float | None = None,
         stream: bool = False,
@@ -413,11 +439,14 @@ class ApiClient:
         """One request with the current token; after a 401, once more with a fresh one."""
         fresh_token = False
         while True:
+            headers = await self._auth_headers(verb, target)
+            if content_type is not None:
+                headers["Content-Type"] = content_type
             response = await self._send(
                 verb,
                 method,
                 path,
-                headers=await self._auth_headers(verb, target),
+                headers=headers,
                 json=json,
                 params=params,
                 read_timeout=read_timeout,

@@ -31,7 +31,7 @@ class Observed:
 
 
 class LockStore(Protocol):
-    """Get, create, update and watch one lock object by name.
+    """Get, create, update, annotate and watch one lock object by name.
 
     Every method is a trio checkpoint. Failures raise the classes in
     :mod:`kubelock.errors`: ``AlreadyExists`` from ``create`` and ``Conflict``
@@ -62,11 +62,19 @@ class LockStore(Protocol):
         record: LeaderElectionRecord,
         current: Observed,
         *,
-        annotations: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str | None] | None = None,
     ) -> Observed:
         """Replace the record of ``current``; ``Conflict`` if it changed since.
 
-        ``annotations`` are set in the same write; others are left as they are.
+        ``annotations`` are set (``None``: removed) in the same write; others
+        are left as they are.
+        """
+        ...
+
+    async def annotate(self, annotations: Mapping[str, str | None]) -> Observed:
+        """Set (``None``: remove) ``annotations`` with one merge patch; ``NotFound``
+        when there is no object. Not conditional: it never conflicts, and never
+        touches the record.
         """
         ...
 

@@ -4,9 +4,11 @@ A Lease keeps the record in its ``spec`` (``holderIdentity``,
 ``leaseDurationSeconds``, ``acquireTime``, ``renewTime``,
 ``leaseTransitions``), exactly where client-go's ``LeaseLock`` keeps it.
 
-Every write is a PUT of the object as last read, with only the record
-changed and ``metadata.resourceVersion`` set to the version read: if anybody
-wrote in between, the server answers 409 and nothing is overwritten.
+Every write of the record is a PUT of the object as last read, with only the
+record changed and ``metadata.resourceVersion`` set to the version read: if
+anybody wrote in between, the server answers 409 and nothing is overwritten.
+The one other write is a waiter's entry in the queue (:mod:`.queue`): a merge
+patch of its own annotation, which never touches the record.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class ApiLock:
         record: LeaderElectionRecord,
         current: Observed,
         *,
-        annotations: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str | None] | None = None,
     ) -> Observed:
         obj = copy.deepcopy(current.raw) if current.raw else {}
         obj.setdefault("apiVersion", self.target.api_version)
@@ -97,10 +99,16 @@ class ApiLock:
         metadata.setdefault("namespace", self.namespace)
         metadata["resourceVersion"] = current.resource_version
         if annotations:
-            metadata["annotations"] = {**(metadata.get("annotations") or {}), **annotations}
+            merged = {**(metadata.get("annotations") or {}), **annotations}
+            metadata["annotations"] = {k: v for k, v in merged.items() if v is not None}
         self.put_record(obj, record)
         replaced = await self.api.replace(self.target, obj, timeout=self.timeout)
         return self._observed(replaced)
+
+    async def annotate(self, annotations: Mapping[str, str | None]) -> Observed:
+        patch = {"metadata": {"annotations": dict(annotations)}}
+        patched = await self.api.merge_patch(self.target, patch, timeout=self.timeout)
+        return self._observed(patched)
 
     async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
         events = self.api.watch(self.target, resource_version)

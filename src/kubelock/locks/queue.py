@@ -1,0 +1,141 @@
+"""The queue: waiters register on the lock object, and take turns first come, first served.
+
+A contender that finds the lock held adds one annotation to the lock object,
+with a JSON merge patch (never a conflict, so arrivals do not collide)::
+
+    queue.kubelock.io/3f2a9c01d4e5b6a7:
+      {"id": "web-7d9f-abcde", "since": "2026-11-30T01:02:03.456789Z"}
+
+The key is a digest of the identity; ``since`` is the waiter's wall clock
+when it joined, and ``once`` its KEY when it runs with ``--once``. Everyone
+reads the same annotations, so everyone agrees on the order: by ``since``,
+then identity. When the lock comes free, the first waiter in that order
+writes at once; the others write nothing, and see it take the lock through
+their watch. So a hand-off costs the release and one acquisition: no 409s,
+however many wait.
+
+A waiter that does not take its turn (it died, or is too slow) is passed
+over: the waiter ``k`` places behind the free lock's first sight writes
+after ``k`` turn timeouts (:data:`TURN_TIMEOUT`), and its write removes the
+entries of those it passed. A live waiter that finds its entry gone joins
+again, at the back. An acquisition removes its own entry in the same
+conditional write; a release that records a ``--once`` KEY removes the
+entries waiting for that KEY, since they have nothing left to wait for.
+
+Safety never depends on the queue: it only decides *when* a waiter sends its
+ordinary conditional write. Contenders that do not know it (client-go, the Go
+kubelock) keep the annotations as they are and exclude everyone as before.
+The wall clocks in ``since`` only order waiters; a skewed clock moves its
+waiter in the queue, nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from .record import format_micro_time, parse_time
+
+__all__ = [
+    "QUEUE_PREFIX",
+    "TURN_TIMEOUT",
+    "Waiter",
+    "ahead_of",
+    "queue_key",
+    "waiters",
+]
+
+QUEUE_PREFIX = "queue.kubelock.io/"
+#: How long a waiter has for its turn (seconds after the lock was seen free)
+#: before the next one in line writes instead.
+TURN_TIMEOUT = 1.0
+
+
+def queue_key(identity: str) -> str:
+    """The annotation of ``identity``'s entry: a digest, so any identity makes a valid key."""
+    return QUEUE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiter:
+    """One entry of the queue."""
+
+    key: str  # its annotation
+    identity: str
+    since: datetime | None
+    once: str | None = None
+
+    def value(self) -> str:
+        entry: dict[str, Any] = {
+            "id": self.identity,
+            "since": format_micro_time(self.since) if self.since is not None else None,
+        }
+        if self.once is not None:
+            entry["once"] = self.once
+        return json.dumps(entry, separators=(",", ":"))
+
+    def order(self) -> tuple[str, str]:
+        since = format_micro_time(self.since) if self.since is not None else ""
+        return (since, self.identity)
+
+
+def entry(identity: str, since: datetime, once: str | None = None) -> Waiter:
+    """The entry ``identity`` adds when it joins the queue at ``since``."""
+    return Waiter(queue_key(identity), identity, since, once)
+
+
+def waiters(obj: Mapping[str, Any]) -> list[Waiter]:
+    """The queue on ``obj`` (a lock object as read), first in line first.
+
+    Entries that do not parse are left out (and never block anybody).
+    """
+    metadata = obj.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    found = []
+    for key, value in annotations.items():
+        if not key.startswith(QUEUE_PREFIX) or not isinstance(value, str):
+            continue
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            continue
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("id"), str):
+            continue
+        once = parsed.get("once")
+        found.append(
+            Waiter(
+                key=key,
+                identity=parsed["id"],
+                since=parse_time(parsed.get("since")),
+                once=once if isinstance(once, str) else None,
+            )
+        )
+    return sorted(found, key=Waiter.order)
+
+
+def find(obj: Mapping[str, Any], identity: str) -> Waiter | None:
+    """``identity``'s entry on ``obj``, if it has one."""
+    key = queue_key(identity)
+    return next((waiter for waiter in waiters(obj) if waiter.key == key), None)
+
+
+def ahead_of(obj: Mapping[str, Any], identity: str, holder: str = "") -> list[Waiter]:
+    """The waiters before ``identity`` in line on ``obj`` (all of them when it has no entry).
+
+    The holder's own entry, if one is left, does not count.
+    """
+    line = [waiter for waiter in waiters(obj) if waiter.identity != holder]
+    mine = queue_key(identity)
+    for index, waiter in enumerate(line):
+        if waiter.key == mine:
+            return line[:index]
+    return line
+
+
+def removals(entries: Iterable[Waiter]) -> dict[str, str | None]:
+    """Annotations that remove ``entries`` (in a conditional write or a merge patch)."""
+    return {waiter.key: None for waiter in entries}

@@ -1,0 +1,217 @@
+"""The queue on the lock object: first come, first served, and one write per turn.
+
+Under trio's MockClock with the in-memory store (see memstore.py); the same
+rules run against the real API server in tests/integration/test_queue.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import trio
+import trio.testing
+
+from kubelock import events
+from kubelock.election import Elector
+from kubelock.errors import AlreadyDone, WaitTimedOut
+from kubelock.locks.queue import TURN_TIMEOUT, ahead_of, entry, queue_key, waiters
+from kubelock.locks.record import LeaderElectionRecord
+
+from .memstore import MemoryBackend
+from .test_election import contender, memory_store
+
+
+async def test_waiters_take_the_lock_in_the_order_they_came_with_one_write_each(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    order: list[str] = []
+
+    async def run(name: str) -> None:
+        elector = contender(backend, name)
+        memory_store(elector).latency = 0.002
+        await elector.acquire()
+        order.append(name)
+        await trio.sleep(0.5)
+        await elector.release()
+
+    names = [f"c{index:02d}" for index in range(30)]
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(run, name)
+            await trio.sleep(0.01)
+    assert order == names
+    # c00 creates and releases; each later one joins (a patch), takes and releases:
+    # no write is ever refused.
+    assert [w.verb for w in backend.patches] == ["patch"] * 29
+    assert len(backend.history) == 1 + 29 + 30  # c00's create, 29 takes, 30 releases
+    assert waiters(backend.current.raw if backend.current else {}) == []
+
+
+async def test_the_queue_is_visible_on_the_lock_object(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    async with trio.open_nursery() as nursery:
+        for name in ("b", "c"):
+            nursery.start_soon(contender(backend, name, once="v1").acquire)
+            await trio.sleep(1)
+        assert backend.current is not None
+        line = waiters(backend.current.raw)
+        assert [(w.identity, w.once) for w in line] == [("b", "v1"), ("c", "v1")]
+        assert line[0].since is not None
+        assert line[1].since is not None
+        assert line[0].since < line[1].since
+        assert [w.identity for w in ahead_of(backend.current.raw, "c")] == ["b"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_waiter_is_passed_over_after_one_turn_and_its_entry_removed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    # "ghost" joined long ago and died (SIGKILL): its entry stays, nobody acts on it.
+    ghost = entry("ghost", datetime(2026, 1, 1, tzinfo=UTC))
+    backend._store(a_record(backend), "ghost", {ghost.key: ghost.value()}, verb="patch")
+    seen: list[events.Event] = []
+    b = contender(backend, "b", seen)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(5)
+        await a.release()
+    # b waited exactly one turn for the ghost, then took the lock and removed it.
+    acquired = [event for event in seen if isinstance(event, events.Acquired)]
+    assert [event.waited for event in acquired] == [pytest.approx(5 + TURN_TIMEOUT, abs=0.01)]
+    assert backend.current is not None
+    assert waiters(backend.current.raw) == []
+
+
+async def test_a_waiter_passed_over_joins_again_at_the_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    seen: list[events.Event] = []
+    b = contender(backend, "b", seen)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(1)
+        # Somebody removes b's entry (as a waiter that passed it over would).
+        backend._store(a_record(backend), "admin", {queue_key("b"): None}, verb="patch")
+        await trio.sleep(TRIO_SETTLE)
+        assert backend.current is not None
+        assert [w.identity for w in waiters(backend.current.raw)] == ["b"]
+        nursery.cancel_scope.cancel()
+    assert any(
+        isinstance(event, events.WaitFailed) and "joining the queue again" in event.error
+        for event in seen
+    )
+
+
+async def test_a_waiter_with_a_timeout_writes_nothing_and_goes_after_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    b = contender(backend, "b")
+    hurried = contender(backend, "hurried")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(0.5)
+
+        async def hurry() -> None:
+            with pytest.raises(WaitTimedOut):
+                await hurried.acquire(timeout=3)
+
+        nursery.start_soon(hurry)
+        await trio.sleep(1)
+        await a.release()
+        await trio.sleep(1)
+        assert b.is_holding  # first in line, though hurried saw the release too
+    assert "patch" not in memory_store(hurried).requests
+    assert "update" not in memory_store(hurried).requests
+
+
+async def test_without_patch_a_waiter_waits_outside_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    seen: list[events.Event] = []
+    b = contender(backend, "b", seen)
+    memory_store(b).patch_forbidden = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(1)
+        await a.release()
+        await trio.sleep(1)
+    assert b.is_holding
+    assert any(
+        isinstance(event, events.WaitFailed) and "grant patch" in event.error for event in seen
+    )
+
+
+async def test_a_release_that_records_the_key_removes_the_entries_waiting_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", once="v1")
+    await a.acquire()
+    others = [contender(backend, name, once="v1") for name in ("b", "c")]
+    other_key = contender(backend, "d", once="v2")
+    async with trio.open_nursery() as nursery:
+
+        async def wait_done(elector: Elector) -> None:
+            with pytest.raises(AlreadyDone):
+                await elector.acquire()
+
+        for waiter in others:
+            nursery.start_soon(wait_done, waiter)
+        nursery.start_soon(other_key.acquire)
+        await trio.sleep(1)
+        assert backend.current is not None
+        assert len(waiters(backend.current.raw)) == 3
+        a.work_succeeded()
+        await a.release()
+        await trio.sleep(1)
+        assert other_key.is_holding
+        nursery.cancel_scope.cancel()
+    assert backend.current is not None
+    assert waiters(backend.current.raw) == []
+    for waiter in others:
+        # Joined once; their entries went with the release, so nothing to take out.
+        assert memory_store(waiter).requests.count("patch") == 1
+
+
+def test_entries_order_by_arrival_then_identity() -> None:
+    start = datetime(2026, 11, 30, tzinfo=UTC)
+    entries = [
+        entry("late", start + timedelta(seconds=2)),
+        entry("b", start),
+        entry("a", start),
+    ]
+    obj = {"metadata": {"annotations": {e.key: e.value() for e in entries}}}
+    obj["metadata"]["annotations"][queue_key("junk")] = "not json"
+    obj["metadata"]["annotations"]["other.example/key"] = '{"id": "x"}'
+    assert [w.identity for w in waiters(obj)] == ["a", "b", "late"]
+    assert [w.identity for w in ahead_of(obj, "late")] == ["a", "b"]
+    assert [w.identity for w in ahead_of(obj, "stranger")] == ["a", "b", "late"]
+    assert ahead_of(obj, "a") == []
+    assert len(queue_key("x" * 500)) <= len("queue.kubelock.io/") + 63
+
+
+TRIO_SETTLE = 0.1
+
+
+def a_record(backend: MemoryBackend) -> LeaderElectionRecord:
+    """The record as it stands (a patch leaves it as it is)."""
+    assert backend.current is not None
+    return backend.current.record
