@@ -239,6 +239,8 @@ class Elector:
         self._in_queue = False
         self._joined = False
         self._passed: list[Waiter] = []
+        #: This waiter stopped without the lock and took its entry out of the queue.
+        self.left_queue = False
 
     # -- public state ---------------------------------------------------------
 
@@ -652,6 +654,7 @@ class Elector:
             contextlib.suppress(ApiError),
         ):
             await self.store.annotate({key: None})
+            self.left_queue = True
 
     def _defer(self, current: Observed) -> bool:
         """True while this waiter should hold back its write on a lock that was released.
@@ -849,7 +852,9 @@ class Elector:
     async def _write_release(self) -> bool:
         current = self._observed
         assert current is not None
-        for _ in range(3):
+        # Until it lands or release() gives up: a 409 is usually only a waiter
+        # joining the queue (a merge patch of its own annotation) since we read.
+        while True:
             # As client-go does: empty holder, and a 1 s duration for old clients
             # that do not treat an empty holder as free.
             record = self._record(
@@ -881,7 +886,6 @@ class Elector:
                 return False
             except ApiError:
                 return False
-        return False
 
 
 def describe_done(done: DoneKey) -> str:

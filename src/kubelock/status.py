@@ -1,8 +1,9 @@
 """``kubelock --status``: a read-only view of one lock (it needs only ``get``).
 
 It shows the holder, since when, the last renewal and its age, the lease
-duration, the transitions and the ``--once`` KEYs that are done, as text for
-people or as JSON (``-o json``) for scripts. Ages are judged by this
+duration, the transitions, the ``--once`` KEYs that are done, and the
+waiters in the queue, first in line first, as text for people or as JSON
+(``-o json``) for scripts. Ages are judged by this
 machine's clock against the holder's timestamps, so they are only as right
 as the two clocks agree; the election itself never trusts remote clocks.
 """
@@ -18,6 +19,7 @@ import trio
 
 from .locks.base import Observed
 from .locks.once import done_keys
+from .locks.queue import waiters
 from .locks.record import format_micro_time, utc_now
 from .settings import OutputFormat, Settings
 
@@ -46,7 +48,14 @@ def describe(
     """The lock as plain data (the JSON of ``-o json``)."""
     view: dict[str, Any] = {"kind": kind, "namespace": namespace, "name": name}
     if observed is None:
-        return {**view, "exists": False, "held": False, "holder": None, "done": []}
+        return {
+            **view,
+            "exists": False,
+            "held": False,
+            "holder": None,
+            "done": [],
+            "waiters": [],
+        }
     record = observed.record
     renew_age = None
     expired = None
@@ -72,6 +81,19 @@ def describe(
                 "fencingToken": done.fencing_token,
             }
             for done in done_keys(observed.raw)
+        ],
+        "waiters": [
+            {
+                "identity": waiter.identity,
+                "since": _time(waiter.since),
+                "waitedSeconds": (
+                    round((now - waiter.since).total_seconds(), 3)
+                    if waiter.since is not None
+                    else None
+                ),
+                "once": waiter.once,
+            }
+            for waiter in waiters(observed.raw)
         ],
     }
 
@@ -104,6 +126,15 @@ def as_text(view: dict[str, Any]) -> str:
                 f"  {done['key']}  by {done['by']} at {done['at'] or '-'} "
                 f"(fencing token {done['fencingToken']})"
             )
+    if not view["waiters"]:
+        lines.append("waiters:      none in the queue")
+    else:
+        lines.append(f"waiters:      {len(view['waiters'])} (first in line first)")
+        for waiter in view["waiters"]:
+            waited = waiter["waitedSeconds"]
+            since = f" ({waited:.1f}s)" if waited is not None else ""
+            once = f"  --once {waiter['once']}" if waiter["once"] is not None else ""
+            lines.append(f"  {waiter['identity']}  since {waiter['since'] or '-'}{since}{once}")
     return "\n".join(lines) + "\n"
 
 

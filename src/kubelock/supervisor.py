@@ -5,8 +5,9 @@ The order of a run, and what each step may write:
 1. Load the cluster configuration and (optionally) bind the metrics port.
    Any problem here is a usage error (exit 2): nothing was written.
 2. Wait for the lock. A SIGINT/SIGTERM/SIGHUP/SIGQUIT here stops waiting at
-   once (exit 128+N); nothing was written, since a waiter only writes when the
-   lock is free, and then it holds it and releases it again.
+   once (exit 128+N). The record was not written, since a waiter only writes
+   it when the lock is free, and then it holds it and releases it again; a
+   waiter in the queue takes its own entry out.
 3. Hold it: the renew loop and the child run side by side. If the lease is
    lost, the child's cancel scope is cancelled; its cancellation path sends
    SIGTERM to the child's group at once and SIGKILL no later than the safety
@@ -154,7 +155,11 @@ async def _wait_and_run(
             return 0
         if stopped_by is not None:
             logger.info(
-                "%s while waiting: stopped, nothing written", signal.Signals(stopped_by).name
+                "%s while waiting: stopped, %s",
+                signal.Signals(stopped_by).name,
+                "left the queue (the lock itself untouched)"
+                if elector.left_queue
+                else "nothing written",
             )
             return 128 + stopped_by
         return await _hold_and_run(settings, namespace, elector, observe, watchdog)

@@ -401,11 +401,28 @@ def test_status_shows_a_held_lock_with_its_done_keys(
             return bool(record and record["spec"].get("holderIdentity") == "holder-pod")
 
         wait_for(held, what="holder-pod to hold the lock")
+        waiters = []
+        for name, extra in (("first-waiter", ["--once", "v3"]), ("second-waiter", [])):
+            waiters.append(
+                spawn(
+                    [*options(kubeconfig, namespace, "app", "--id", name, *extra), "true"],
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+            def joined(count: int = len(waiters)) -> bool:
+                record = lease(admin, namespace, "app") or {}
+                entries = (record.get("metadata") or {}).get("annotations") or {}
+                joined: int = sum(key.startswith("queue.kubelock.io/") for key in entries)
+                return joined == count
+
+            wait_for(joined, what=f"{name} to join the queue")
         text = run([*options(kubeconfig, namespace, "app"), "--status"])
         as_json = run([*options(kubeconfig, namespace, "app"), "--status", "-o", "json"])
     finally:
-        holder.terminate()
-        holder.wait(timeout=30)
+        for process in [holder, *waiters]:
+            process.terminate()
+            process.wait(timeout=30)
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert lines[0] == f"lock:         leases {namespace}/app"
@@ -416,6 +433,11 @@ def test_status_shows_a_held_lock_with_its_done_keys(
     assert "done KEYs:    2 (newest last)" in lines
     assert any(line.startswith("  v1  by ran-v1 at ") for line in lines)
     assert any(line.startswith("  v2  by ran-v2 at ") for line in lines)
+    assert "waiters:      2 (first in line first)" in lines
+    first = lines.index("waiters:      2 (first in line first)") + 1
+    assert lines[first].startswith("  first-waiter  since ")
+    assert lines[first].endswith("  --once v3")
+    assert lines[first + 1].startswith("  second-waiter  since ")
 
     assert as_json.returncode == 0, as_json.stderr
     view = json.loads(as_json.stdout)
@@ -427,6 +449,10 @@ def test_status_shows_a_held_lock_with_its_done_keys(
     assert [(d["key"], d["by"], d["fencingToken"]) for d in view["done"]] == [
         ("v1", "ran-v1", 0),
         ("v2", "ran-v2", 1),
+    ]
+    assert [(w["identity"], w["once"]) for w in view["waiters"]] == [
+        ("first-waiter", "v3"),
+        ("second-waiter", None),
     ]
 
 

@@ -7,6 +7,7 @@ rules run against the real API server in tests/integration/test_queue.py.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ import trio.testing
 from kubelock import events
 from kubelock.election import Elector
 from kubelock.errors import AlreadyDone, WaitTimedOut
+from kubelock.locks.base import Observed
 from kubelock.locks.queue import TURN_TIMEOUT, ahead_of, entry, queue_key, waiters
 from kubelock.locks.record import LeaderElectionRecord
 
@@ -215,3 +217,29 @@ def a_record(backend: MemoryBackend) -> LeaderElectionRecord:
     """The record as it stands (a patch leaves it as it is)."""
     assert backend.current is not None
     return backend.current.record
+
+
+async def test_a_release_outlasts_any_number_of_waiters_joining_meanwhile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    store = memory_store(a)
+    update = store.update
+    joins = 0
+
+    async def update_after_a_join(*args: Any, **kwargs: Any) -> Observed:
+        # Each attempt finds one more waiter joined since it read: a 409 every time.
+        nonlocal joins
+        if joins < 10:
+            joins += 1
+            late = entry(f"late{joins}", datetime(2026, 11, 30, tzinfo=UTC))
+            backend._store(a_record(backend), late.identity, {late.key: late.value()}, "patch")
+        return await update(*args, **kwargs)
+
+    store.update = update_after_a_join  # type: ignore[method-assign]
+    assert await a.release() is True
+    assert backend.current is not None
+    assert not backend.current.record.is_held
+    assert len(waiters(backend.current.raw)) == 10

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from kubelock.locks.base import Observed
 from kubelock.locks.once import DoneKey, done_annotation
+from kubelock.locks.queue import entry
 from kubelock.locks.record import LeaderElectionRecord
 from kubelock.status import as_text, describe
 
@@ -14,8 +15,8 @@ NOW = datetime(2026, 11, 30, 2, 0, 0, tzinfo=UTC)
 
 def observed(holder: str, renewed_ago: float, done: list[DoneKey] | None = None) -> Observed:
     annotations: dict[str, str] = {}
-    for entry in done or []:
-        annotations.update(done_annotation({"metadata": {"annotations": annotations}}, entry))
+    for key in done or []:
+        annotations.update(done_annotation({"metadata": {"annotations": annotations}}, key))
     record = LeaderElectionRecord(
         holder_identity=holder,
         lease_duration_seconds=15,
@@ -36,6 +37,7 @@ def test_a_lock_that_does_not_exist_is_free() -> None:
         "held": False,
         "holder": None,
         "done": [],
+        "waiters": [],
     }
     assert "nobody (the object does not exist yet)" in as_text(view)
 
@@ -66,3 +68,34 @@ def test_a_released_lock() -> None:
     assert view["held"] is False
     assert "holder:       nobody (released)" in as_text(view)
     assert "done KEYs:    none" in as_text(view)
+
+
+def test_the_waiters_in_the_queue_first_in_line_first() -> None:
+    seen = observed("pod-c", 1)
+    line = [
+        entry("pod-e", NOW - timedelta(seconds=2)),
+        entry("pod-d", NOW - timedelta(seconds=9), "v3"),
+    ]
+    seen.raw["metadata"]["annotations"].update({w.key: w.value() for w in line})
+    view = describe("leases", "shop", "migrations", seen, NOW)
+    assert view["waiters"] == [
+        {
+            "identity": "pod-d",
+            "since": "2026-11-30T01:59:51.000000Z",
+            "waitedSeconds": 9.0,
+            "once": "v3",
+        },
+        {
+            "identity": "pod-e",
+            "since": "2026-11-30T01:59:58.000000Z",
+            "waitedSeconds": 2.0,
+            "once": None,
+        },
+    ]
+    text = as_text(view).splitlines()
+    assert "waiters:      2 (first in line first)" in text
+    assert "  pod-d  since 2026-11-30T01:59:51.000000Z (9.0s)  --once v3" in text
+    assert "  pod-e  since 2026-11-30T01:59:58.000000Z (2.0s)" in text
+    assert "waiters:      none in the queue" in as_text(
+        describe("leases", "s", "m", observed("", 3), NOW)
+    )

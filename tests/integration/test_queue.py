@@ -1,0 +1,128 @@
+"""The queue on the lock object, with real kubelock processes against the real kube-apiserver.
+
+Waiters take the lock in the order they came, with no refused write; a
+waiter that died is passed over and its entry removed; a waiter stopped while
+waiting takes its entry out.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .kubelock_proc import lease, run, spawn, wait_for
+
+QUICK = ["--lease-duration", "6s", "--renew-deadline", "4s", "--retry-period", "1s"]
+QUEUE_PREFIX = "queue.kubelock.io/"
+
+
+def options(kubeconfig: Path, namespace: str, identity: str, *extra: str) -> list[str]:
+    return [
+        "--kubeconfig",
+        str(kubeconfig),
+        "--namespace",
+        namespace,
+        "--name",
+        "queue",
+        "--id",
+        identity,
+        *QUICK,
+        *extra,
+    ]
+
+
+def entries(admin: httpx.Client, namespace: str) -> list[str]:
+    """The identities in the queue, as the lock object says."""
+    found: dict[str, Any] = lease(admin, namespace, "queue") or {}
+    annotations = (found.get("metadata") or {}).get("annotations") or {}
+    return sorted(
+        json.loads(value)["id"]
+        for key, value in annotations.items()
+        if key.startswith(QUEUE_PREFIX)
+    )
+
+
+def holder(admin: httpx.Client, namespace: str) -> str | None:
+    found = lease(admin, namespace, "queue")
+    return None if found is None else found["spec"].get("holderIdentity")
+
+
+def test_waiters_take_the_lock_in_the_order_they_came_and_no_write_is_refused(
+    kubeconfig: Path, namespace: str, admin: httpx.Client, tmp_path: Path
+) -> None:
+    log = tmp_path / "order"
+    command = ["sh", "-c", f'echo "$KUBELOCK_IDENTITY" >> "{log}"; sleep 0.2']
+    first = spawn(
+        [*options(kubeconfig, namespace, "first"), "sleep", "3"], stderr=subprocess.DEVNULL
+    )
+    wait_for(lambda: holder(admin, namespace) == "first", what="first to hold the lock")
+    # Five waiters, each started once the one before it is in the queue.
+    names = [f"w{index}" for index in range(5)]
+    waiters = []
+    for index, name in enumerate(names):
+        waiters.append(
+            spawn(
+                [*options(kubeconfig, namespace, name, "--verbose"), *command],
+                stderr=subprocess.PIPE,
+            )
+        )
+
+        def joined(count: int = index + 1) -> bool:
+            return len(entries(admin, namespace)) == count
+
+        wait_for(joined, what=f"{name} to join the queue")
+    assert first.wait(timeout=60) == 0
+    logs = [waiter.communicate(timeout=60)[1] for waiter in waiters]
+    for waiter, stderr in zip(waiters, logs, strict=True):
+        assert waiter.returncode == 0, stderr
+        # One join and one take each, never beaten to the lock: no 409.
+        assert "API update: 409" not in stderr, stderr
+        assert stderr.count("API patch: 200") == 1, stderr
+    assert log.read_text().split() == names
+    assert entries(admin, namespace) == []
+
+
+def test_a_killed_waiter_is_passed_over_and_its_entry_removed(
+    kubeconfig: Path, namespace: str, admin: httpx.Client, tmp_path: Path
+) -> None:
+    first = spawn(
+        [*options(kubeconfig, namespace, "first"), "sleep", "3"], stderr=subprocess.DEVNULL
+    )
+    wait_for(lambda: holder(admin, namespace) == "first", what="first to hold the lock")
+    doomed = spawn([*options(kubeconfig, namespace, "doomed"), "true"], stderr=subprocess.DEVNULL)
+    wait_for(lambda: entries(admin, namespace) == ["doomed"], what="doomed to join the queue")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=30)
+    patient = run([*options(kubeconfig, namespace, "patient"), "true"], timeout=60)
+    assert patient.returncode == 0, patient.stderr
+    assert first.wait(timeout=60) == 0
+    # patient took its turn after doomed's and removed doomed's entry with its own.
+    assert entries(admin, namespace) == []
+
+
+def test_a_waiter_stopped_while_waiting_takes_its_entry_out(
+    kubeconfig: Path, namespace: str, admin: httpx.Client
+) -> None:
+    first = spawn(
+        [*options(kubeconfig, namespace, "first"), "sleep", "30"], stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: holder(admin, namespace) == "first", what="first to hold the lock")
+        stopped = spawn(
+            [*options(kubeconfig, namespace, "stopped"), "true"], stderr=subprocess.PIPE
+        )
+        wait_for(lambda: entries(admin, namespace) == ["stopped"], what="stopped to join")
+        stopped.send_signal(signal.SIGTERM)
+        _, stderr = stopped.communicate(timeout=30)
+        assert stopped.returncode == 128 + signal.SIGTERM, stderr
+        assert "left the queue" in stderr, stderr
+        assert entries(admin, namespace) == []
+        assert holder(admin, namespace) == "first"
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
