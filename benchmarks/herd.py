@@ -7,10 +7,12 @@ as N Pods would have) arrive one every `--stagger` seconds, take the lock in
 turn, hold it for `--hold` seconds (shorter than a retry period: no renewals)
 and leave. For each run it prints:
 
-* lease writes (PUT and POST, 409s included) and reads (GET, LIST) per turn,
-  from the API server's own `apiserver_request_total`, less the rate the API
-  server's own leases cost when idle; a turn is one contender's acquisition
-  and release, so a perfect queue writes 2 per turn;
+* lease writes (PUT, POST and PATCH, 409s included) and reads (GET, LIST) per
+  turn, from the API server's own `apiserver_request_total`, less the rate the
+  API server's own leases cost when idle; a turn is one contender's acquisition
+  and release. The writes are split into those of the record (PUT and POST:
+  acquisitions and releases, 2 per turn when none is refused) and the waiters'
+  entries in the queue (PATCH: one per waiter, made while it waits);
 * hand-off latency: from a release landing to the next acquisition landing
   (one trio clock, all contenders in this process);
 * overtakes: acquisitions won while a contender that arrived earlier was
@@ -137,13 +139,16 @@ def main() -> None:
                     for key in after
                 }
                 writes = totals(delta, WRITES)
+                joins = totals(delta, ("PATCH",))
                 conflicts = sum(v for (verb, code), v in delta.items() if code == "409")
                 reads = totals(delta, READS)
                 ms = [latency * 1000 for latency in run.latencies()]
                 print(
                     f"{contenders:>4} contenders, run {attempt + 1}: "
-                    f"{writes / contenders:.2f} writes/turn ({conflicts:.0f} x 409 in "
-                    f"{writes:.0f}), {reads / contenders:.2f} reads/turn; hand-off median "
+                    f"{writes / contenders:.2f} writes/turn: {(writes - joins) / contenders:.2f} "
+                    f"of the record + {joins / contenders:.2f} joining the queue "
+                    f"({conflicts:.0f} x 409 in {writes:.0f}), "
+                    f"{reads / contenders:.2f} reads/turn; hand-off median "
                     f"{statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms; "
                     f"overtakes {run.overtakes()}/{len(run.acquired)}; {elapsed:.1f} s",
                     flush=True,

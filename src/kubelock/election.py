@@ -7,8 +7,10 @@ Safety model, said first (as client-go's package comment does):
   it change; the lease counts as expired ``leaseDurationSeconds`` after that
   local moment. This tolerates any clock *offset* between machines, not a
   difference in clock *rate*.
-* Writes carry the ``resourceVersion`` they were based on. A 409 means
-  somebody else wrote first: re-read, never overwrite.
+* Writes are conditional on the record they were based on (a compare-and-swap
+  patch, or a PUT carrying the ``resourceVersion`` read; see
+  :mod:`kubelock.locks.lease`). A conflict means somebody else wrote first:
+  re-read, never overwrite.
 * The holder keeps its own deadline, ``held_until``: the local time at which
   its last *successful* renewal request was **sent**, plus lease-duration.
   Every other contender saw that renewal land after it was sent, so none of
@@ -214,6 +216,7 @@ class Elector:
         # holder's renewals, the watched record is fresher than any poll.
         self._last_watch_event = -math.inf
         self._started = 0.0
+        self._arrived = wall_clock()
         self._acquired_at: float | None = None
         self._last_renew_sent = -math.inf
         self.held_until = -math.inf
@@ -329,6 +332,8 @@ class Elector:
         :class:`~kubelock.errors.AlreadyDone` instead.
         """
         self._started = trio.current_time()
+        # When it came, for its place in the queue (wall clock: all must compare).
+        self._arrived = self._wall_clock()
         give_up_at = math.inf if timeout is None else self._started + max(timeout, 0.0)
         # A waiter with a time limit stays out of the queue, so that giving up
         # leaves nothing written.
@@ -589,7 +594,9 @@ class Elector:
                     error="this waiter's place in the queue was given up; joining the queue again"
                 )
             )
-        mine = entry(self.identity, self._wall_clock(), self.once)
+        # In line by when it came; once passed over, at the back.
+        since = self._wall_clock() if self._joined else self._arrived
+        mine = entry(self.identity, since, self.once)
         try:
             joined = await self.store.annotate({key: mine.value()})
         except Forbidden as error:
@@ -852,6 +859,13 @@ class Elector:
     async def _write_release(self) -> bool:
         current = self._observed
         assert current is not None
+        if self.once is not None and self._succeeded:
+            # One read for the newest queue: the entries waiting for this KEY go
+            # with the release, rather than each waiter writing to leave.
+            with contextlib.suppress(ApiError):
+                fresh = await self.store.get()
+                if fresh is not None and self._is_ours(fresh.record):
+                    current = fresh
         # Until it lands or release() gives up: a 409 is usually only a waiter
         # joining the queue (a merge patch of its own annotation) since we read.
         while True:

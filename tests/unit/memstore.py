@@ -32,7 +32,11 @@ class Write:
 class MemoryBackend:
     """The shared 'API server': one object, its versions and its watchers."""
 
-    def __init__(self) -> None:
+    def __init__(self, compare: str = "record") -> None:
+        # "record": a write fails when the record changed since it was read (the
+        # compare-and-swap patch); "version": when anything did (a PUT with the
+        # resourceVersion, as for a Role without patch).
+        self.compare = compare
         self.current: Observed | None = None
         self.version = 0
         self.history: list[Write] = []  # writes of the record
@@ -134,7 +138,11 @@ class MemoryLock:
     ) -> Observed:
         await self._request("update")
         stored = self.backend.current
-        if stored is None or stored.resource_version != current.resource_version:
+        if stored is None or (
+            stored.record != current.record
+            if self.backend.compare == "record"
+            else stored.resource_version != current.resource_version
+        ):
             raise Conflict("the object has been modified", status_code=409, reason="Conflict")
         return self.backend._store(record, self.view, annotations)
 

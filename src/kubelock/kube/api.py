@@ -253,6 +253,26 @@ class ApiClient:
         """PUT ``body``; ``Conflict`` when its ``metadata.resourceVersion`` is stale."""
         return await self._call("update", "PUT", target, target.path, body=body, timeout=timeout)
 
+    async def json_patch(
+        self,
+        target: Target,
+        operations: list[dict[str, Any]],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        """A JSON patch (RFC 6902) of ``target``; a failed ``test`` operation is a
+        ``BadRequest`` (422), as is any other invalid patch: tell them apart by re-reading.
+        """
+        return await self._call(
+            "patch",
+            "PATCH",
+            target,
+            target.path,
+            body=operations,
+            content_type="application/json-patch+json",
+            timeout=timeout,
+        )
+
     async def merge_patch(
         self,
         target: Target,
@@ -337,7 +357,7 @@ class ApiClient:
         target: Target,
         path: str,
         *,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | list[dict[str, Any]] | None = None,
         content_type: str | None = None,
         may_repeat: bool = True,
         timeout: float | None,  # noqa: ASYNC109
@@ -430,7 +450,7 @@ class ApiClient:
         method: str,
         path: str,
         *,
-        json: dict[str, Any] | None = None,
+        json: dict[str, Any] | list[dict[str, Any]] | None = None,
         content_type: str | None = None,
         params: dict[str, str] | None = None,
         read_timeout: float | None = None,
@@ -490,7 +510,7 @@ class ApiClient:
         path: str,
         *,
         headers: dict[str, str],
-        json: dict[str, Any] | None,
+        json: dict[str, Any] | list[dict[str, Any]] | None,
         params: dict[str, str] | None,
         read_timeout: float | None,
         stream: bool,

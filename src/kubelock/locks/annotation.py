@@ -28,6 +28,13 @@ class AnnotationLock(ApiLock):
     """The record in the leader annotation of a core/v1 object."""
 
     group = ""  # core v1
+    record_path = "/metadata/annotations/" + LEADER_ANNOTATION.replace("/", "~1")
+
+    def record_value(self, obj: dict[str, Any]) -> Any:
+        metadata = obj.get("metadata") or {}
+        annotations = metadata.get("annotations") or {}
+        value = annotations.get(LEADER_ANNOTATION)
+        return value if isinstance(value, str) else None
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
         metadata = obj.get("metadata") or {}

@@ -4,11 +4,21 @@ A Lease keeps the record in its ``spec`` (``holderIdentity``,
 ``leaseDurationSeconds``, ``acquireTime``, ``renewTime``,
 ``leaseTransitions``), exactly where client-go's ``LeaseLock`` keeps it.
 
-Every write of the record is a PUT of the object as last read, with only the
-record changed and ``metadata.resourceVersion`` set to the version read: if
-anybody wrote in between, the server answers 409 and nothing is overwritten.
-The one other write is a waiter's entry in the queue (:mod:`.queue`): a merge
-patch of its own annotation, which never touches the record.
+Every write of the record is conditional on the record being as last read,
+and nothing is ever overwritten:
+
+* With ``patch`` allowed, it is a JSON patch whose first operation *tests*
+  that the record is as read (the whole Lease ``spec``, or the leader
+  annotation), then replaces it and sets the write's annotations. The API
+  server applies a patch atomically, so this is a compare-and-swap on the
+  record alone: a waiter joining the queue meanwhile (a merge patch of its
+  own annotation, :mod:`.queue`) does not make it fail, while any write of the
+  record by anybody does. A failed test is a 422, like an invalid patch; a
+  re-read tells the two apart (the record changed: ``Conflict``).
+* Otherwise (a Role without ``patch``, as written for the Go kubelock, or an
+  object without a record yet) it is a PUT of the object as last read with
+  ``metadata.resourceVersion`` set to the version read: if anybody wrote in
+  between, the server answers 409.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from ..errors import NotFound
+from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..kube.api import ApiClient, Target
 from .base import Observed
 from .record import LeaderElectionRecord
@@ -48,6 +58,8 @@ class ApiLock:
         self.namespace = namespace
         self.timeout = timeout  # per call; None: the client's default
         self.target = Target(self.group, self.version, self.kind, namespace, name)
+        # Until the API says 403 to a patch: then PUT with the resourceVersion.
+        self.patch_allowed = True
 
     def describe(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}"
@@ -63,6 +75,13 @@ class ApiLock:
 
     def put_record(self, obj: dict[str, Any], record: LeaderElectionRecord) -> None:
         """Write ``record`` into ``obj`` in place, leaving everything else as it is."""
+        raise NotImplementedError
+
+    #: The JSON pointer of the record in the object.
+    record_path: str
+
+    def record_value(self, obj: dict[str, Any]) -> Any:
+        """The JSON value at :attr:`record_path` in ``obj``, ``None`` when there is none."""
         raise NotImplementedError
 
     # -- LockStore ------------------------------------------------------------------
@@ -90,6 +109,75 @@ class ApiLock:
         current: Observed,
         *,
         annotations: Mapping[str, str | None] | None = None,
+    ) -> Observed:
+        for _ in range(3):
+            operations = self._compare_and_swap(record, current, annotations or {})
+            if operations is None or not self.patch_allowed:
+                break
+            try:
+                patched = await self.api.json_patch(self.target, operations, timeout=self.timeout)
+            except Forbidden as refused:
+                self.patch_allowed = False
+                try:
+                    return await self._replace(record, current, annotations)
+                except Forbidden:
+                    raise refused from None  # patch is what to grant
+            except BadRequest:
+                fresh = await self.get()
+                if fresh is None:
+                    raise NotFound(
+                        f"{self.describe()} was deleted", status_code=404, reason="NotFound"
+                    ) from None
+                if self.record_value(fresh.raw) != self.record_value(current.raw):
+                    raise Conflict(
+                        f"the record of {self.describe()} changed since it was read",
+                        status_code=409,
+                        reason="Conflict",
+                    ) from None
+                if fresh.resource_version == current.resource_version:
+                    raise  # nothing changed: the write itself is invalid
+                current = fresh  # only others' annotations changed: again, on top of them
+                continue
+            return self._observed(patched)
+        return await self._replace(record, current, annotations)
+
+    def _compare_and_swap(
+        self,
+        record: LeaderElectionRecord,
+        current: Observed,
+        annotations: Mapping[str, str | None],
+    ) -> list[dict[str, Any]] | None:
+        """The JSON patch that writes ``record`` only if the record is as in ``current``.
+
+        ``None`` when it cannot be said that way (no record to test; annotations
+        to set on an object that has none, where adding the whole map could
+        drop a waiter's entry added meanwhile): then a PUT it is.
+        """
+        tested = self.record_value(current.raw)
+        existing = (current.raw.get("metadata") or {}).get("annotations")
+        if tested is None or (annotations and not isinstance(existing, dict)):
+            return None
+        written = copy.deepcopy(current.raw)
+        self.put_record(written, record)
+        operations: list[dict[str, Any]] = [
+            {"op": "test", "path": self.record_path, "value": tested},
+            {"op": "replace", "path": self.record_path, "value": self.record_value(written)},
+        ]
+        for key, value in annotations.items():
+            path = "/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
+            if value is None:
+                # "remove" fails on a missing key; "add" first makes it always there.
+                operations += [{"op": "add", "path": path, "value": ""}]
+                operations += [{"op": "remove", "path": path}]
+            else:
+                operations.append({"op": "add", "path": path, "value": value})
+        return operations
+
+    async def _replace(
+        self,
+        record: LeaderElectionRecord,
+        current: Observed,
+        annotations: Mapping[str, str | None] | None,
     ) -> Observed:
         obj = copy.deepcopy(current.raw) if current.raw else {}
         obj.setdefault("apiVersion", self.target.api_version)
@@ -147,6 +235,11 @@ class LeaseLock(ApiLock):
     kind = "leases"
     group = "coordination.k8s.io"
     object_kind = "Lease"
+    record_path = "/spec"
+
+    def record_value(self, obj: dict[str, Any]) -> Any:
+        spec = obj.get("spec")
+        return spec if isinstance(spec, dict) else None
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
         spec = obj.get("spec")

@@ -32,6 +32,7 @@ waiter in the queue, nothing more.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -97,24 +98,30 @@ def waiters(obj: Mapping[str, Any]) -> list[Waiter]:
     annotations = metadata.get("annotations") or {}
     found = []
     for key, value in annotations.items():
-        if not key.startswith(QUEUE_PREFIX) or not isinstance(value, str):
-            continue
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            continue
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("id"), str):
-            continue
-        once = parsed.get("once")
-        found.append(
-            Waiter(
-                key=key,
-                identity=parsed["id"],
-                since=parse_time(parsed.get("since")),
-                once=once if isinstance(once, str) else None,
-            )
-        )
+        if key.startswith(QUEUE_PREFIX) and isinstance(value, str):
+            waiter = _parse(key, value)
+            if waiter is not None:
+                found.append(waiter)
     return sorted(found, key=Waiter.order)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(key: str, value: str) -> Waiter | None:
+    """One entry, or ``None`` when it does not parse. Cached: every waiter reads
+    every entry on every change of the lock object."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("id"), str):
+        return None
+    once = parsed.get("once")
+    return Waiter(
+        key=key,
+        identity=parsed["id"],
+        since=parse_time(parsed.get("since")),
+        once=once if isinstance(once, str) else None,
+    )
 
 
 def find(obj: Mapping[str, Any], identity: str) -> Waiter | None:
