@@ -1,18 +1,23 @@
 """The thundering herd: requests, hand-off latency and overtakes with many contenders.
 
     uv run python -m benchmarks.herd [--contenders 10 30 100] [--runs 3] [--hold 0.1]
+                                     [--modes queue outside]
 
 N contenders (one `kubelock.Lock` each, with its own connections and watch,
 as N Pods would have) arrive one every `--stagger` seconds, take the lock in
 turn, hold it for `--hold` seconds (shorter than a retry period: no renewals)
-and leave. For each run it prints:
+and leave. Each run is made twice, alternately: with the waiters in the queue
+(kubelock's default), and outside it (as with `--timeout`, or a Role without
+`patch`: the hand-off window). For each run it prints:
 
 * lease writes (PUT, POST and PATCH, 409s included) and reads (GET, LIST) per
   turn, from the API server's own `apiserver_request_total`, less the rate the
   API server's own leases cost when idle; a turn is one contender's acquisition
-  and release. The writes are split into those of the record (PUT and POST:
-  acquisitions and releases, 2 per turn when none is refused) and the waiters'
-  entries in the queue (PATCH: one per waiter, made while it waits);
+  and release. The writes are split into those of the record that landed
+  (one acquisition and one release per turn: 2), those refused (409, or 422
+  from a compare-and-swap whose test failed: somebody else wrote the record
+  first) and, the rest, the waiters' entries in the queue (one per waiter,
+  made while it waits);
 * hand-off latency: from a release landing to the next acquisition landing
   (one trio clock, all contenders in this process);
 * overtakes: acquisitions won while a contender that arrived earlier was
@@ -22,6 +27,7 @@ and leave. For each run it prints:
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -35,6 +41,8 @@ from ._plane import control_plane, percentile
 from .handoff import lease_requests_by_code
 
 WRITES = ("PUT", "POST", "PATCH")
+#: A write that did not land: a conflict, or a compare-and-swap whose test failed.
+REFUSED = ("409", "422")
 READS = ("GET", "LIST")
 
 
@@ -81,14 +89,21 @@ class Run:
 
 
 async def contend(
-    kubeconfig: str, lock_name: str, contenders: int, stagger: float, hold: float
+    kubeconfig: str, lock_name: str, contenders: int, stagger: float, hold: float, mode: str
 ) -> Run:
     run = Run()
+    # "outside": with a time limit a waiter stays out of the queue and spreads its
+    # write over the hand-off window instead (what kubelock did before the queue).
+    timeout = 3600.0 if mode == "outside" else None
 
     async def contender(name: str) -> None:
         run.arrived[name] = trio.current_time()
         async with kubelock.Lock(
-            lock_name, identity=name, kubeconfig=kubeconfig, observer=run.watcher(name)
+            lock_name,
+            identity=name,
+            kubeconfig=kubeconfig,
+            observer=run.watcher(name),
+            timeout=timeout,
         ):
             await trio.sleep(hold)
 
@@ -117,42 +132,56 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--stagger", type=float, default=0.01, help="seconds between arrivals")
     parser.add_argument("--hold", type=float, default=0.1, help="seconds each holds the lock")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["queue", "outside"],
+        choices=["queue", "outside"],
+        help="queue: waiters join the queue; outside: they wait outside it (the hand-off "
+        "window), as with --timeout or a Role without patch. Alternated in one run.",
+    )
     args = parser.parse_args()
     with control_plane("bench") as (plane, kubeconfig):
         background = idle_rate(plane, 10)
-        for contenders in args.contenders:
-            for attempt in range(args.runs):
-                before = lease_requests_by_code(plane)
-                wall = time.monotonic()
-                run = trio.run(
-                    contend,
-                    str(kubeconfig),
-                    f"herd-{contenders}-{attempt}",
-                    contenders,
-                    args.stagger,
-                    args.hold,
-                )
-                elapsed = time.monotonic() - wall
-                after = lease_requests_by_code(plane)
-                delta = {
-                    key: after[key] - before.get(key, 0.0) - background.get(key, 0.0) * elapsed
-                    for key in after
-                }
-                writes = totals(delta, WRITES)
-                joins = totals(delta, ("PATCH",))
-                conflicts = sum(v for (verb, code), v in delta.items() if code == "409")
-                reads = totals(delta, READS)
-                ms = [latency * 1000 for latency in run.latencies()]
-                print(
-                    f"{contenders:>4} contenders, run {attempt + 1}: "
-                    f"{writes / contenders:.2f} writes/turn: {(writes - joins) / contenders:.2f} "
-                    f"of the record + {joins / contenders:.2f} joining the queue "
-                    f"({conflicts:.0f} x 409 in {writes:.0f}), "
-                    f"{reads / contenders:.2f} reads/turn; hand-off median "
-                    f"{statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms; "
-                    f"overtakes {run.overtakes()}/{len(run.acquired)}; {elapsed:.1f} s",
-                    flush=True,
-                )
+        for contenders, attempt, mode in itertools.product(
+            args.contenders, range(args.runs), args.modes
+        ):
+            before = lease_requests_by_code(plane)
+            wall = time.monotonic()
+            run = trio.run(
+                contend,
+                str(kubeconfig),
+                f"herd-{mode}-{contenders}-{attempt}",
+                contenders,
+                args.stagger,
+                args.hold,
+                mode,
+            )
+            elapsed = time.monotonic() - wall
+            after = lease_requests_by_code(plane)
+            delta = {
+                key: after[key] - before.get(key, 0.0) - background.get(key, 0.0) * elapsed
+                for key in after
+            }
+            writes = totals(delta, WRITES)
+            refused = sum(
+                v for (verb, code), v in delta.items() if verb in WRITES and code in REFUSED
+            )
+            # Each turn lands exactly one acquisition and one release; the
+            # rest of what landed is the waiters' entries in the queue.
+            joins = writes - refused - 2 * contenders
+            reads = totals(delta, READS)
+            ms = [latency * 1000 for latency in run.latencies()]
+            print(
+                f"{contenders:>4} contenders, {mode:>7}, run {attempt + 1}: "
+                f"{writes / contenders:.2f} writes/turn: 2 of the record + "
+                f"{refused / contenders:.2f} refused + {joins / contenders:.2f} joining "
+                f"the queue ({refused:.0f} refused in {writes:.0f}), "
+                f"{reads / contenders:.2f} reads/turn; hand-off median "
+                f"{statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms; "
+                f"overtakes {run.overtakes()}/{len(run.acquired)}; {elapsed:.1f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

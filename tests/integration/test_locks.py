@@ -3,6 +3,7 @@ where client-go does, writes only with the version it read, and sees others' wri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from kubelock.errors import AlreadyExists, Conflict, Forbidden, UsageError
+from kubelock.errors import AlreadyExists, BadRequest, Conflict, Forbidden, UsageError
 from kubelock.kube.api import ApiClient, Target
 from kubelock.kube.auth import ClusterConfig, load_config
 from kubelock.locks import (
@@ -110,6 +111,53 @@ async def test_an_update_from_a_stale_read_conflicts(
         current = await mine.get()
         assert current is not None
         assert current.record.holder_identity == "pod-b"  # never overwritten
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_update_lands_when_only_others_annotations_changed_since_the_read(
+    kind: str, admin_config: ClusterConfig, namespace: str
+) -> None:
+    async with ApiClient(admin_config) as api:
+        mine = make_lock(kind, api, "app", namespace)
+        waiter = make_lock(kind, api, "app", namespace)
+        created = await mine.create(record("pod-a", transitions=0))
+        seen = await mine.update(
+            record("pod-a", renewed_second=10), created, annotations={"a.example/x": "1"}
+        )
+        # A waiter joins (its own annotation, a merge patch): the version moves on...
+        joined = await waiter.annotate({"queue.kubelock.io/0123456789abcdef": '{"id": "w"}'})
+        assert joined.resource_version != seen.resource_version
+        assert joined.record == seen.record
+        # ...and a write based on the older version still lands, keeping the join,
+        # since the record itself is as it was read. Annotations set and removed with it.
+        written = await mine.update(
+            record("pod-a", renewed_second=20),
+            seen,
+            annotations={"a.example/x": None, "b.example/y": "2", "absent.example/z": None},
+        )
+        assert isinstance(mine, LeaseLock | EndpointsLock | ConfigMapLock)
+        assert mine.patch_allowed
+        annotations = written.raw["metadata"]["annotations"]
+        assert annotations["queue.kubelock.io/0123456789abcdef"] == '{"id": "w"}'
+        assert annotations["b.example/y"] == "2"
+        assert "a.example/x" not in annotations
+        assert "absent.example/z" not in annotations
+        written_record = record("pod-a", renewed_second=20)
+        assert written.record == expected_as_stored(kind, written_record)
+
+
+async def test_an_invalid_record_is_refused_as_such_not_taken_for_a_conflict(
+    admin_config: ClusterConfig, namespace: str
+) -> None:
+    async with ApiClient(admin_config) as api:
+        lock = LeaseLock(api, "app", namespace)
+        seen = await lock.create(record("pod-a"))
+        invalid = dataclasses.replace(record("pod-a", renewed_second=30), lease_duration_seconds=-1)
+        with pytest.raises(BadRequest):
+            await lock.update(invalid, seen)
+        current = await lock.get()
+        assert current is not None
+        assert current.resource_version == seen.resource_version
 
 
 @pytest.mark.parametrize("kind", KINDS)
