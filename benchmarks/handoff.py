@@ -6,7 +6,9 @@ Hand-off: two contenders take turns; the latency is from the holder's release
 (its update answered) to the waiter's acquisition (its update answered), both
 on one trio clock. Request rate: one contender holds (renewing every 2 s),
 another waits; the API server's own `apiserver_request_total` counts the
-waiter's GET and WATCH requests on leases (the holder only sends PUTs).
+waiter's GET and WATCH requests on leases (the holder only sends PATCHes, its
+compare-and-swap renewals; the waiter's one PATCH, joining the queue, comes
+before the count starts).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def main() -> None:
         shown = ", ".join(f"{verb} {value:.1f}" for verb, value in sorted(rate.items()) if value)
         print(f"lease requests per minute while one contender waits and one holds: {shown}")
         print(
-            "  (PUT: the holder's renewals and the API server's own leases; GET/WATCH/LIST:"
+            "  (PATCH: the holder's renewals; PUT: the API server's own leases; GET/WATCH/LIST:"
             " the waiter's own requests; a WATCH counts when it ends, after about 5 minutes)"
         )
 
