@@ -339,16 +339,18 @@ class Elector:
         # leaves nothing written.
         self._in_queue = self._queue and timeout is None
         fatal: Exception | None = None
+        acquired = False
         try:
             async with trio.open_nursery() as nursery:
                 try:
                     await self._acquire_loop(nursery, give_up_at)
+                    acquired = True
                 except (*FATAL_ERRORS, WaitTimedOut, AlreadyDone) as error:
                     # Raised outside the nursery, so callers see the error itself.
                     fatal = error
                 nursery.cancel_scope.cancel()
         finally:
-            if self.fencing_token is None or fatal is not None:
+            if not acquired:
                 await self._leave_queue()
         if fatal is not None:
             raise fatal
