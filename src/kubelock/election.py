@@ -380,17 +380,27 @@ class Elector:
             record = self._observed.record if self._observed else None
             self._give_up_if_due(give_up_at, self._holder_text())
             now = trio.current_time()
-            if record is not None and (
-                record.holder_identity != last_report_holder
-                or now - last_report_time >= self._waiting_report_interval
+            # Reported while somebody holds it (a free lock is a hand-off under way).
+            if (
+                record is not None
+                and record.is_held
+                and (
+                    record.holder_identity != last_report_holder
+                    or now - last_report_time >= self._waiting_report_interval
+                )
             ):
                 last_report_holder = record.holder_identity
                 last_report_time = now
+                ahead = None
+                if self._joined and self._observed is not None:
+                    raw = self._observed.raw
+                    ahead = len(ahead_of(raw, self.identity, record.holder_identity))
                 self._emit(
                     Waiting(
                         holder=record.holder_identity,
                         since=record.acquire_time,
                         waited=now - self._started,
+                        ahead=ahead,
                     )
                 )
             if not watching:

@@ -33,6 +33,7 @@ class Waiting:
     holder: str
     since: datetime | None  # the holder's acquireTime, by its own clock
     waited: float  # seconds since this contender started
+    ahead: int | None = None  # waiters before this one in the queue (None: not in it)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,10 +84,12 @@ def log_event(event: Event) -> None:
 
 def _describe(event: Event) -> tuple[int, str]:
     match event:
-        case Waiting(holder=holder, since=since, waited=waited):
+        case Waiting(holder=holder, since=since, waited=waited, ahead=ahead):
             held = f"held by {holder!r}" if holder else "held by somebody else"
             if since is not None:
                 held += f" since {_timestamp(since)}"
+            if ahead is not None:
+                held += f", {ahead} ahead in the queue"
             return logging.INFO, f"waiting for the lock, {held} (waited {_seconds(waited)})"
         case WaitFailed(error=error):
             return logging.WARNING, f"still waiting: {error}"

@@ -85,6 +85,10 @@ WAITING_SINCE = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
             "waiting for the lock, held by 'pod-b' (waited 500ms)",
         ),
         (
+            Waiting(holder="pod-b", since=None, waited=0.5, ahead=2),
+            "waiting for the lock, held by 'pod-b', 2 ahead in the queue (waited 500ms)",
+        ),
+        (
             Acquired(waited=12.345, fencing_token=7),
             "acquired the lock after 12.3s (fencing token 7)",
         ),
