@@ -411,9 +411,17 @@ def _run(argv: Sequence[str]) -> int:
             from . import status
 
             return status.run(settings)
-        from . import supervisor
+        from .watchdog import Watchdog
 
-        return supervisor.run(settings)
+        # Forked before trio and httpx are imported: a third of the pages to share, and
+        # fewer for kubelock to copy as it writes to them.
+        watchdog = Watchdog.start()
+        try:
+            from . import supervisor
+
+            return supervisor.run(settings, watchdog)
+        finally:
+            watchdog.close()
     except KubelockError as error:
         from .log import report_error
 

@@ -35,8 +35,6 @@ import signal
 import struct
 import time
 
-import trio
-
 __all__ = ["Watchdog"]
 
 logger = logging.getLogger("kubelock")
@@ -60,7 +58,8 @@ _IGNORED = (
 
 
 class Watchdog:
-    """kubelock's end of the watchdog. Create it with :meth:`start`, before ``trio.run``.
+    """kubelock's end of the watchdog. Create it with :meth:`start`, before ``trio.run``
+    (the CLI does it before trio is even imported).
 
     None of its methods is a checkpoint or blocks.
     """
@@ -95,6 +94,8 @@ class Watchdog:
         """The group must be dead by ``deadline``, a ``trio.current_time()`` value."""
         if not math.isfinite(deadline):
             return  # nothing held yet
+        import trio  # running by now; not imported at start() to keep the fork small
+
         monotonic = time.monotonic_ns() + round((deadline - trio.current_time()) * 1e9)
         self._send(_DEADLINE, monotonic)
 
