@@ -22,6 +22,7 @@ import atexit
 import contextlib
 import dataclasses
 import difflib
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -336,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     Given no ``argv`` (the program itself, reading ``sys.argv``), it ends the
     process with :func:`_exit_now`; given ``argv`` (tests), with ``SystemExit``.
     """
+    if argv is None:
+        gc.disable()  # until start-up is done: see _started
     status = _run(sys.argv[1:] if argv is None else argv)
     if argv is None:
         _exit_now(status)
@@ -410,6 +413,7 @@ def _run(argv: Sequence[str]) -> int:
         if settings.status is not None:
             from . import status
 
+            _started()
             return status.run(settings)
         from .watchdog import Watchdog
 
@@ -419,6 +423,7 @@ def _run(argv: Sequence[str]) -> int:
         try:
             from . import supervisor
 
+            _started()
             return supervisor.run(settings, watchdog)
         finally:
             watchdog.close()
@@ -427,6 +432,20 @@ def _run(argv: Sequence[str]) -> int:
 
         report_error(str(error))
         return error.exit_code
+
+
+def _started() -> None:
+    """Start-up is done: let the cyclic garbage collector work again, if main() stopped it.
+
+    Start-up (mostly imports) allocates much and frees little, so the collections
+    it would trigger find next to nothing: about 10 ms of CPU on every start,
+    which 20 init containers starting on one node pay 20 times over. What start-up
+    made lives as long as the process, so it is frozen: later collections skip it
+    (and leave the watchdog's shared pages untouched).
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _exit_now(status: int) -> NoReturn:

@@ -479,6 +479,22 @@ def test_the_watchdog_is_forked_before_trio_and_httpx_are_imported() -> None:
     assert output_of(check).splitlines()[-1] == "[]"
 
 
+def test_the_collector_is_off_during_start_up_and_on_for_the_run() -> None:
+    # The program itself (main() reading sys.argv) imports without the cyclic collector;
+    # the run, which may hold the lock for hours, has it back.
+    check = (
+        "import gc, sys, types; "
+        "fake = types.ModuleType('kubelock.supervisor'); "
+        "fake.run = lambda settings, watchdog: print(gc.isenabled(), gc.get_freeze_count() > 0) "
+        "or 0; "
+        "sys.modules['kubelock.supervisor'] = fake; "
+        "from kubelock.cli import main; from kubelock import log; "
+        "log.setup_logging = lambda *args: print(gc.isenabled()); "
+        "sys.argv = ['kubelock', '--name', 'db', '--', 'true']; main()"
+    )
+    assert output_of(check).splitlines()[-2:] == ["False", "True True"]
+
+
 # --- kubectl lock status NAME --------------------------------------------------------
 
 
