@@ -16,13 +16,12 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ._plane import control_plane
-from .startup import LEASE_RULES
+from .startup import LEASE_RULES, this_venvs_kubelock
 
 
 def one_rollout(
@@ -60,7 +59,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--migration", type=float, default=2.0, help="seconds it takes")
     args = parser.parse_args()
-    kubelock = [str(Path(sys.prefix) / "bin/kubelock")]
+    kubelock = this_venvs_kubelock()
     with control_plane("bench") as (plane, _), tempfile.TemporaryDirectory() as folder:
         # In-cluster, as init containers run: the kubeconfig loader is never imported.
         plane.create_service_account("bench", "bench")
