@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import difflib
 import gc
 import os
 import sys
@@ -194,6 +193,8 @@ def _did_you_mean(spelled: str) -> str:
     longs = sorted({name for name in _CANONICAL if name.startswith("--")})
     close = [name for name in longs if name.startswith(spelled)]  # an abbreviation
     if len(close) != 1:
+        import difflib  # only for a mistyped option: not on every start
+
         close = difflib.get_close_matches(spelled, longs, n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 

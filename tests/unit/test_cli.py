@@ -462,7 +462,7 @@ def test_the_usual_invocation_does_not_import_cyclopts(argv: list[str]) -> None:
     check = (
         "import sys; from kubelock.cli import parse_args; "
         f"parse_args({argv!r}); "
-        "print(sorted(m for m in ('cyclopts', 'rich', 'attrs') if m in sys.modules))"
+        "print(sorted(m for m in ('cyclopts', 'rich', 'attrs', 'difflib') if m in sys.modules))"
     )
     loaded = output_of(check)
     assert loaded.splitlines()[-1] == "[]"
