@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """
     if argv is None:
         gc.disable()  # until start-up is done: see _started
-    status = _run(sys.argv[1:] if argv is None else argv)
+    status = _run(sys.argv[1:] if argv is None else argv, exiting=argv is None)
     if argv is None:
         _exit_now(status)
     sys.exit(status)
@@ -398,12 +398,12 @@ def kubectl_main() -> NoReturn:
     except UsageError as error:
         report_error(str(error))
         _exit_now(error.exit_code)
-    _exit_now(_run(argv))
+    _exit_now(_run(argv, exiting=True))
 
 
-def _run(argv: Sequence[str]) -> int:
+def _run(argv: Sequence[str], *, exiting: bool = False) -> int:
     # The log module and the supervisor are imported late: --help, --version and
-    # usage errors stay light.
+    # usage errors stay light. `exiting`: the process ends right after (_exit_now).
     try:
         settings = parse_args(argv)
         if settings is None:
@@ -427,7 +427,7 @@ def _run(argv: Sequence[str]) -> int:
             _started()
             return supervisor.run(settings, watchdog)
         finally:
-            watchdog.close()
+            watchdog.close(reap=not exiting)
     except KubelockError as error:
         from .log import report_error
 
