@@ -16,13 +16,12 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ._plane import control_plane
-from .startup import LEASE_RULES
+from .startup import LEASE_RULES, this_venvs_kubelock
 
 
 def one_rollout(
@@ -35,19 +34,23 @@ def one_rollout(
     expected_runs: int = 1,
 ) -> float:
     command = ["sh", "-c", f'echo "$KUBELOCK_IDENTITY" >> "{log}"; sleep {migration}']
-    processes = [
-        subprocess.Popen(
-            [*kubelock, "--name", "migrations", "--id", f"pod-{index}", "--once", key, *command],
-            env=env,
-            stderr=subprocess.DEVNULL,
-        )
-        for index in range(replicas)
-    ]
+    # Each replica's stderr goes to a file: read only when it failed, to say why.
+    stderrs = [log.with_name(f"{log.name}.pod-{index}.stderr") for index in range(replicas)]
+    processes = []
+    for index, stderr in enumerate(stderrs):
+        with stderr.open("w") as file:
+            argv = [*kubelock, "--name", "migrations", "--id", f"pod-{index}", "--once", key]
+            processes.append(subprocess.Popen([*argv, *command], env=env, stderr=file))
     started = time.monotonic()
     codes = [process.wait() for process in processes]
     elapsed = time.monotonic() - started
     if codes != [0] * replicas:
-        raise RuntimeError(f"not every replica exited 0: {codes}")
+        said = "".join(
+            f"\npod-{index} exited {code}:\n{stderrs[index].read_text()}"
+            for index, code in enumerate(codes)
+            if code != 0
+        )
+        raise RuntimeError(f"not every replica exited 0: {codes}{said}")
     ran = log.read_text().split() if log.exists() else []
     if len(ran) != expected_runs:
         raise RuntimeError(f"the migration ran {len(ran)} times: {ran}")
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--migration", type=float, default=2.0, help="seconds it takes")
     args = parser.parse_args()
-    kubelock = [str(Path(sys.prefix) / "bin/kubelock")]
+    kubelock = this_venvs_kubelock()
     with control_plane("bench") as (plane, _), tempfile.TemporaryDirectory() as folder:
         # In-cluster, as init containers run: the kubeconfig loader is never imported.
         plane.create_service_account("bench", "bench")

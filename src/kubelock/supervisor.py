@@ -49,20 +49,16 @@ logger = logging.getLogger("kubelock")
 STOP_WAITING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
 
-def run(settings: Settings) -> int:
-    """Run one kubelock invocation; return the exit status.
+def run(settings: Settings, watchdog: Watchdog) -> int:
+    """Run one kubelock invocation guarded by ``watchdog``; return the exit status.
 
-    The watchdog is forked first, while kubelock has one thread and no event loop.
+    The caller forks the watchdog (:meth:`Watchdog.start`) and closes it: the
+    fork must happen while kubelock has one thread and no event loop.
     """
     from .kube.api import import_httpcore_lean
-    from .watchdog import Watchdog
 
     import_httpcore_lean()  # before trio starts threads
-    watchdog = Watchdog.start()
-    try:
-        return trio.run(supervise, settings, watchdog)
-    finally:
-        watchdog.close()
+    return trio.run(supervise, settings, watchdog)
 
 
 async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int:

@@ -35,8 +35,6 @@ import signal
 import struct
 import time
 
-import trio
-
 __all__ = ["Watchdog"]
 
 logger = logging.getLogger("kubelock")
@@ -60,7 +58,8 @@ _IGNORED = (
 
 
 class Watchdog:
-    """kubelock's end of the watchdog. Create it with :meth:`start`, before ``trio.run``.
+    """kubelock's end of the watchdog. Create it with :meth:`start`, before ``trio.run``
+    (the CLI does it before trio is even imported).
 
     None of its methods is a checkpoint or blocks.
     """
@@ -95,6 +94,8 @@ class Watchdog:
         """The group must be dead by ``deadline``, a ``trio.current_time()`` value."""
         if not math.isfinite(deadline):
             return  # nothing held yet
+        import trio  # running by now; not imported at start() to keep the fork small
+
         monotonic = time.monotonic_ns() + round((deadline - trio.current_time()) * 1e9)
         self._send(_DEADLINE, monotonic)
 
@@ -102,12 +103,21 @@ class Watchdog:
         """The group's leader has exited: leave its group alone from now on."""
         self._send(_UNGUARD, 0)
 
-    def close(self) -> None:
-        """Close the pipe (the watchdog then exits) and reap the watchdog."""
+    def close(self, *, reap: bool = True) -> None:
+        """Close the pipe (the watchdog then exits) and reap the watchdog.
+
+        ``reap=False`` when kubelock exits right after: the watchdog exits on its
+        own, without kubelock waiting for the teardown of its address space
+        (a few ms, which waiters that all exit at once pay in turn), and whoever
+        adopts it (init, a subreaper) reaps it. What it does is the same either
+        way: at end-of-file it kills a group still guarded, else nothing.
+        """
         if self._fd is None:
             return
         os.close(self._fd)
         self._fd = None
+        if not reap:
+            return
         with contextlib.suppress(ChildProcessError):  # a PID-1 reaper may have collected it
             os.waitpid(self.pid, 0)
 

@@ -20,6 +20,8 @@ from kubelock import cli
 from kubelock.cli import kubectl_argv, parse_args, split_argv
 from kubelock.errors import ConfigError, UsageError
 from kubelock.settings import ElectionTiming, Settings
+from kubelock.testing import process_alive
+from kubelock.watchdog import Watchdog
 
 from .fresh import output_of
 
@@ -353,10 +355,11 @@ def fake_supervisor(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     monkeypatch.setattr(kubelock_logger, "handlers", [])
     monkeypatch.setattr(kubelock_logger, "propagate", kubelock_logger.propagate)
     monkeypatch.setattr(kubelock_logger, "level", kubelock_logger.level)
-    outcome = types.SimpleNamespace(settings=None, result=0)
+    outcome = types.SimpleNamespace(settings=None, result=0, watchdog_alive=None)
 
-    def run(settings: Settings) -> int:
+    def run(settings: Settings, watchdog: Watchdog) -> int:
         outcome.settings = settings
+        outcome.watchdog_alive = process_alive(watchdog.pid)
         if isinstance(outcome.result, BaseException):
             raise outcome.result
         assert isinstance(outcome.result, int)
@@ -375,6 +378,7 @@ def test_main_exits_with_what_the_run_returns(fake_supervisor: types.SimpleNames
         cli.main(["-name", "db", "true"])
     assert caught.value.code == 42
     assert fake_supervisor.settings.name == "db"
+    assert fake_supervisor.watchdog_alive  # forked before the run, closed after it
 
 
 def test_main_reports_a_kubelock_error_in_one_line(
@@ -458,10 +462,37 @@ def test_the_usual_invocation_does_not_import_cyclopts(argv: list[str]) -> None:
     check = (
         "import sys; from kubelock.cli import parse_args; "
         f"parse_args({argv!r}); "
-        "print(sorted(m for m in ('cyclopts', 'rich', 'attrs') if m in sys.modules))"
+        "print(sorted(m for m in ('cyclopts', 'rich', 'attrs', 'difflib') if m in sys.modules))"
     )
     loaded = output_of(check)
     assert loaded.splitlines()[-1] == "[]"
+
+
+def test_the_watchdog_is_forked_before_trio_and_httpx_are_imported() -> None:
+    # The smaller kubelock is at the fork, the fewer pages it copies afterwards.
+    check = (
+        "import sys; from kubelock import watchdog; "
+        "watchdog.Watchdog.start = lambda: print(sorted(m for m in ('trio', 'httpx') "
+        "if m in sys.modules), flush=True) or sys.exit(0); "
+        "from kubelock.cli import main; main(['--name', 'db', '--', 'true'])"
+    )
+    assert output_of(check).splitlines()[-1] == "[]"
+
+
+def test_the_collector_is_off_during_start_up_and_on_for_the_run() -> None:
+    # The program itself (main() reading sys.argv) imports without the cyclic collector;
+    # the run, which may hold the lock for hours, has it back.
+    check = (
+        "import gc, sys, types; "
+        "fake = types.ModuleType('kubelock.supervisor'); "
+        "fake.run = lambda settings, watchdog: print(gc.isenabled(), gc.get_freeze_count() > 0) "
+        "or 0; "
+        "sys.modules['kubelock.supervisor'] = fake; "
+        "from kubelock.cli import main; from kubelock import log; "
+        "log.setup_logging = lambda *args: print(gc.isenabled()); "
+        "sys.argv = ['kubelock', '--name', 'db', '--', 'true']; main()"
+    )
+    assert output_of(check).splitlines()[-2:] == ["False", "True True"]
 
 
 # --- kubectl lock status NAME --------------------------------------------------------

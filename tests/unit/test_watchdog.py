@@ -7,6 +7,7 @@ guards it, prints the PIDs and sleeps; the test SIGKILLs the driver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -105,6 +106,24 @@ def test_an_unguarded_group_is_left_alone_when_kubelock_exits() -> None:
     finally:
         leader.kill()
         os.kill(grandchild, signal.SIGKILL)
+
+
+def test_a_kubelock_about_to_exit_leaves_the_watchdog_to_end_by_itself() -> None:
+    # The CLI closes without reaping (it exits at once, and init adopts the watchdog):
+    # the watchdog still ends on its own, cleanly, and still kills a guarded group.
+    watchdog = Watchdog.start()
+    leader, grandchild = spawn_group()
+    try:
+        watchdog.guard(leader.pid)
+        watchdog.close(reap=False)
+        _, status = os.waitpid(watchdog.pid, 0)  # here the test stands in for init
+        assert os.waitstatus_to_exitcode(status) == 0
+        leader.wait(timeout=PATIENCE)
+        wait_dead(grandchild)
+    finally:
+        leader.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
 
 
 def test_the_watchdog_survives_signals_to_kubelocks_group() -> None:
