@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -61,6 +62,24 @@ class Tokens:
     def invalidate(self) -> None:
         self.invalidations += 1
         self.generation += 1
+
+    def cached(self) -> str | None:
+        return self.token()
+
+
+class SlowTokens(Tokens):
+    """Never at hand: every request asks token() in a worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def token(self) -> str:
+        self.threads.append(threading.current_thread().name)
+        return super().token()
+
+    def cached(self) -> str | None:
+        return None
 
 
 def status(code: int, reason: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -215,6 +234,23 @@ async def test_unauthorized_fetches_a_fresh_token_and_retries_once() -> None:
         "Bearer tok-2",
     ]
     assert codes(events) == ["401", "200"]
+
+
+async def test_a_token_not_at_hand_is_fetched_in_a_worker_thread() -> None:
+    tokens = SlowTokens()
+    script = Script(
+        httpx.Response(401, json=status(401, "Unauthorized", "Unauthorized")),
+        httpx.Response(200, json=LEASE_OBJECT),
+    )
+    api, _ = client(script, tokens)
+    async with api:
+        assert await api.get(LEASE) == LEASE_OBJECT
+    assert [r.headers["Authorization"] for r in script.requests] == [
+        "Bearer tok-1",
+        "Bearer tok-2",
+    ]
+    assert len(tokens.threads) == 2
+    assert threading.main_thread().name not in tokens.threads
 
 
 async def test_unauthorized_twice_is_an_error_without_the_token() -> None:

@@ -622,6 +622,21 @@ def test_token_file_is_reread_after_max_age_and_after_invalidate(tmp_path: Path)
     assert provider.token() == "three"
 
 
+def test_a_token_file_read_within_max_age_is_at_hand_without_blocking(tmp_path: Path) -> None:
+    now = [0.0]
+    path = tmp_path / "token"
+    path.write_text("one")
+    provider = FileTokenProvider(path, max_age=60.0, clock=lambda: now[0])
+    assert provider.cached() is None  # never read yet: token() must read the file
+    assert provider.token() == "one"
+    assert provider.cached() == "one"
+    now[0] = 60.0
+    assert provider.cached() is None  # too old: token() re-reads it
+    assert provider.token() == "one"
+    provider.invalidate()
+    assert provider.cached() is None  # after a 401: token() re-reads it
+
+
 def test_token_file_that_vanishes_keeps_the_last_token(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("one")

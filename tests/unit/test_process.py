@@ -141,13 +141,17 @@ async def test_a_grandchild_gets_the_groups_signal(tmp_path: Path) -> None:
     program = tmp_path / "grandchild.py"
     program.write_text(grandchild)
     ready = tmp_path / "ready"
-    # A shell that waits for its grandchild: it is the group that gets SIGTERM.
-    child = await Child.start(["sh", "-c", f"{PYTHON} {program} > {ready} & wait"])
+    # A shell that waits for its grandchild: it is the group that gets SIGTERM. The
+    # shell only leaves once the grandchild has (else, under load, the SIGKILL for
+    # what is left in the group when the leader exits could beat the grandchild's
+    # handler); were SIGTERM sent to the shell alone, it would wait forever.
+    script = f'trap "wait; exit 143" TERM; {PYTHON} {program} > {ready} & wait'
+    child = await Child.start(["sh", "-c", script])
     with trio.fail_after(PATIENCE):
         await _until(lambda: ready.exists() and "ready" in ready.read_text())
         assert child.send_signal(signal.SIGTERM)
-        assert await child.wait() == 143  # the shell itself died of SIGTERM
-        await _until(marker.exists)  # and the grandchild, signalled with it, saw SIGTERM too
+        assert await child.wait() == 143  # the shell ended on SIGTERM
+        assert marker.exists()  # and the grandchild, signalled with it, saw SIGTERM too
 
 
 async def test_terminate_sigkills_a_child_that_ignores_sigterm_after_the_grace() -> None:

@@ -490,9 +490,11 @@ class ApiClient:
         provider = self.config.token
         if provider is None:
             return {}
+        token = provider.cached()  # nearly always: no thread hop per request
         try:
-            # May read a file or run an exec plugin: keep the event loop free.
-            token = await trio.to_thread.run_sync(provider.token, abandon_on_cancel=True)
+            if token is None:
+                # May read a file or run an exec plugin: keep the event loop free.
+                token = await trio.to_thread.run_sync(provider.token, abandon_on_cancel=True)
         except KubelockError as problem:
             raise ApiError(
                 f"cannot {verb} {target}: no credentials: {problem}",

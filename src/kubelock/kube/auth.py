@@ -91,6 +91,11 @@ class TokenProvider(Protocol):
         """The server rejected the token (401): fetch a fresh one next time."""
         ...
 
+    def cached(self) -> str | None:
+        """The token when it is at hand (in memory and fresh), without blocking; else
+        ``None``, and ``token()`` (in a worker thread) gets it."""
+        ...
+
 
 class FileTokenProvider:
     """A token kept in a file, re-read at most every ``max_age`` seconds and after a 401.
@@ -132,6 +137,15 @@ class FileTokenProvider:
     def invalidate(self) -> None:
         self._stale = True
 
+    def cached(self) -> str | None:
+        if not self._lock.acquire(blocking=False):
+            return None  # another thread is reading the file
+        try:
+            fresh = not self._stale and self._clock() - self._read_at < self._max_age
+            return self._token if fresh and self._token else None
+        finally:
+            self._lock.release()
+
     def __repr__(self) -> str:
         return f"FileTokenProvider({str(self.path)!r})"
 
@@ -171,6 +185,9 @@ class KubeconfigTokenProvider:
 
     def invalidate(self) -> None:
         self._stale = True
+
+    def cached(self) -> str | None:
+        return None  # asking the loader may run an exec plugin: always in a thread
 
     def __repr__(self) -> str:
         return f"KubeconfigTokenProvider({self._source!r})"
