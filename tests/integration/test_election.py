@@ -92,8 +92,9 @@ async def test_a_release_wakes_the_waiter_through_the_watch_not_the_poll(
 
     assert acquired_at[0] - released_at[0] < 10  # a poll would have taken 30 s or more
     after_release = waiter_requests[task_status_mark[0] :]
-    # One round trip: the watched record went straight into an update; no GET.
-    assert [r.verb for r in after_release if r.verb != "watch"][:1] == ["update"]
+    # One round trip: the watched record went straight into the acquiring write (the
+    # compare-and-swap patch); no GET.
+    assert [(r.verb, r.code) for r in after_release if r.verb != "watch"][:1] == [("patch", "200")]
 
 
 async def test_api_server_stopped_while_holding_is_reported_as_loss_in_time(
