@@ -263,15 +263,7 @@ class ApiClient:
         """A JSON patch (RFC 6902) of ``target``; a failed ``test`` operation is a
         ``BadRequest`` (422), as is any other invalid patch: tell them apart by re-reading.
         """
-        return await self._call(
-            "patch",
-            "PATCH",
-            target,
-            target.path,
-            body=operations,
-            content_type="application/json-patch+json",
-            timeout=timeout,
-        )
+        return await self._patch(target, operations, "application/json-patch+json", timeout)
 
     async def merge_patch(
         self,
@@ -285,13 +277,22 @@ class ApiClient:
         Only for changes that are the same whenever they land (setting or, with
         ``None``, removing annotations), so it may be sent again.
         """
+        return await self._patch(target, body, "application/merge-patch+json", timeout)
+
+    async def _patch(
+        self,
+        target: Target,
+        body: dict[str, Any] | list[dict[str, Any]],
+        content_type: str,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
         return await self._call(
             "patch",
             "PATCH",
             target,
             target.path,
             body=body,
-            content_type="application/merge-patch+json",
+            content_type=content_type,
             timeout=timeout,
         )
 
