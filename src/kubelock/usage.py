@@ -31,7 +31,8 @@ __all__ = ["option_table", "read_options"]
 _DESCRIPTION = """\
 Run COMMAND while holding a named lock kept in the Kubernetes API, then release
 the lock. Contenders wait until the holder releases the lock or its lease runs
-out. Options end at the first word that is not an option, or at "--".
+out, queued on the lock first come, first served. Options end at the first
+word that is not an option, or at "--".
 Every option can also be set by the environment variable shown beside it."""
 
 _EPILOGUE = """\
@@ -146,7 +147,8 @@ def _options(
         _option(
             "timeout",
             "duration",
-            "stop waiting for the lock after this long and exit 124, nothing written (0: try once)",
+            "stop waiting for the lock after this long and exit 124, nothing written: such a "
+            "waiter stays out of the queue (0: try once)",
             show_default="wait as long as it takes",
         ),
     ] = None,
@@ -165,7 +167,8 @@ def _options(
         _option(
             "status",
             None,
-            "show the lock (holder, renewals, done KEYs) and exit; no COMMAND, needs only 'get'",
+            "show the lock (holder, renewals, done KEYs, waiters) and exit; no COMMAND, "
+            "needs only 'get'",
         ),
     ] = False,
     output: Annotated[
