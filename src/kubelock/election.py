@@ -48,7 +48,6 @@ import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from datetime import datetime
-from typing import Any
 
 import trio
 
@@ -79,7 +78,16 @@ from .events import (
 from .locks.base import LockStore, Observed
 from .locks.handoff import handoff_annotation, handoff_window, next_window
 from .locks.once import DoneKey, done_annotation, find_done
-from .locks.queue import TURN_TIMEOUT, Waiter, ahead_of, entry, queue_key, removals, waiters
+from .locks.queue import (
+    TURN_TIMEOUT,
+    Waiter,
+    ahead_of,
+    entry,
+    has_entry,
+    queue_key,
+    removals,
+    waiters,
+)
 from .locks.record import LeaderElectionRecord, utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
 
@@ -594,8 +602,7 @@ class Elector:
         """Add this waiter's entry to the queue, unless it has one (or stays out)."""
         if not self._in_queue:
             return
-        key = queue_key(self.identity)
-        if key in _annotations(current.raw):
+        if has_entry(current.raw, self.identity):
             self._joined = True
             return
         if self._joined:
@@ -610,7 +617,7 @@ class Elector:
         since = self._wall_clock() if self._joined else self._arrived
         mine = entry(self.identity, since, self.once)
         try:
-            joined = await self.store.annotate({key: mine.value()})
+            joined = await self.store.annotate({mine.key: mine.value()})
         except Forbidden as error:
             # A Role written for the Go kubelock (no patch): wait outside the queue.
             self._in_queue = False
@@ -638,7 +645,7 @@ class Elector:
         if not line:
             self._passed = []
             return False
-        if self._in_queue and queue_key(self.identity) not in _annotations(current.raw):
+        if self._in_queue and not has_entry(current.raw, self.identity):
             await self._join_queue(current)
             current = self._observed or current
         ahead = ahead_of(current.raw, self.identity)
@@ -664,15 +671,14 @@ class Elector:
             return
         self._joined = False
         known = self._observed.raw if self._observed is not None else {}
-        key = queue_key(self.identity)
-        if known and key not in _annotations(known):
+        if known and not has_entry(known, self.identity):
             return
         with (
             trio.CancelScope(shield=True),
             trio.move_on_after(self._release_timeout),
             contextlib.suppress(ApiError),
         ):
-            await self.store.annotate({key: None})
+            await self.store.annotate({queue_key(self.identity): None})
             self.left_queue = True
 
     def _defer(self, current: Observed) -> bool:
@@ -918,8 +924,3 @@ def describe_done(done: DoneKey) -> str:
     """``done by 'pod-a' at 2026-...Z (fencing token 3)``, for messages."""
     at = f" at {done.at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if done.at is not None else ""
     return f"done by {done.by!r}{at} (fencing token {done.fencing_token})"
-
-
-def _annotations(obj: dict[str, Any]) -> dict[str, Any]:
-    metadata = obj.get("metadata") or {}
-    return metadata.get("annotations") or {}

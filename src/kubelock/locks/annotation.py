@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .lease import ApiLock
-from .record import LEADER_ANNOTATION, LeaderElectionRecord
+from .record import LEADER_ANNOTATION, LeaderElectionRecord, annotations_of
 
 __all__ = [
     "AnnotationLock",
@@ -31,16 +31,12 @@ class AnnotationLock(ApiLock):
     record_path = "/metadata/annotations/" + LEADER_ANNOTATION.replace("/", "~1")
 
     def record_value(self, obj: dict[str, Any]) -> Any:
-        metadata = obj.get("metadata") or {}
-        annotations = metadata.get("annotations") or {}
-        value = annotations.get(LEADER_ANNOTATION)
+        value = annotations_of(obj).get(LEADER_ANNOTATION)
         return value if isinstance(value, str) else None
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
-        metadata = obj.get("metadata") or {}
-        annotations = metadata.get("annotations") or {}
-        value = annotations.get(LEADER_ANNOTATION)
-        if not isinstance(value, str) or not value:
+        value = self.record_value(obj)
+        if not value:
             return LeaderElectionRecord()
         try:
             return LeaderElectionRecord.from_annotation(value)

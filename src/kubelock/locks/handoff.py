@@ -27,6 +27,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .record import annotations_of
+
 HANDOFF_ANNOTATION = "kubelock.io/handoff-window"
 #: How wide the window is per other waiter, in units of how late news reaches them.
 SPREAD_FACTOR = 4.0
@@ -42,10 +44,8 @@ MAX_STEP = 2.0
 
 def handoff_window(obj: Mapping[str, Any]) -> float:
     """The window published on ``obj`` (a lock object as read), else :data:`DEFAULT_WINDOW`."""
-    metadata = obj.get("metadata") or {}
-    annotations = metadata.get("annotations") or {}
     try:
-        window = float(annotations.get(HANDOFF_ANNOTATION) or DEFAULT_WINDOW)
+        window = float(annotations_of(obj).get(HANDOFF_ANNOTATION) or DEFAULT_WINDOW)
     except (TypeError, ValueError):
         return DEFAULT_WINDOW
     if not math.isfinite(window):

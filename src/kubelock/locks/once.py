@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from .record import format_micro_time, parse_time
+from .record import annotations_of, format_micro_time, parse_time
 
 DONE_ANNOTATION = "kubelock.io/done"
 #: How many done KEYs the lock object keeps (the oldest are dropped first).
@@ -52,9 +52,7 @@ class DoneKey:
 
 def done_keys(obj: Mapping[str, Any]) -> tuple[DoneKey, ...]:
     """The done KEYs recorded on ``obj`` (a lock object as read), oldest first."""
-    metadata = obj.get("metadata") or {}
-    annotations = metadata.get("annotations") or {}
-    value = annotations.get(DONE_ANNOTATION)
+    value = annotations_of(obj).get(DONE_ANNOTATION)
     if not isinstance(value, str) or not value:
         return ()
     try:

@@ -39,14 +39,17 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from .record import format_micro_time, parse_time
+from .record import annotations_of, format_micro_time, parse_time
 
 __all__ = [
     "QUEUE_PREFIX",
     "TURN_TIMEOUT",
     "Waiter",
     "ahead_of",
+    "entry",
+    "has_entry",
     "queue_key",
+    "removals",
     "waiters",
 ]
 
@@ -94,10 +97,8 @@ def waiters(obj: Mapping[str, Any]) -> list[Waiter]:
 
     Entries that do not parse are left out (and never block anybody).
     """
-    metadata = obj.get("metadata") or {}
-    annotations = metadata.get("annotations") or {}
     found = []
-    for key, value in annotations.items():
+    for key, value in annotations_of(obj).items():
         if key.startswith(QUEUE_PREFIX) and isinstance(value, str):
             waiter = _parse(key, value)
             if waiter is not None:
@@ -124,10 +125,9 @@ def _parse(key: str, value: str) -> Waiter | None:
     )
 
 
-def find(obj: Mapping[str, Any], identity: str) -> Waiter | None:
-    """``identity``'s entry on ``obj``, if it has one."""
-    key = queue_key(identity)
-    return next((waiter for waiter in waiters(obj) if waiter.key == key), None)
+def has_entry(obj: Mapping[str, Any], identity: str) -> bool:
+    """True when ``identity`` has an entry on ``obj`` (parsable or not)."""
+    return queue_key(identity) in annotations_of(obj)
 
 
 def ahead_of(obj: Mapping[str, Any], identity: str, holder: str = "") -> list[Waiter]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
     "LEADER_ANNOTATION",
     "LeaderElectionRecord",
+    "annotations_of",
     "format_micro_time",
     "format_time",
     "parse_time",
@@ -22,6 +24,13 @@ __all__ = [
 ]
 
 LEADER_ANNOTATION = "control-plane.alpha.kubernetes.io/leader"
+
+
+def annotations_of(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The annotations of ``obj`` (an object as the API returned it), empty when none."""
+    metadata = obj.get("metadata") or {}
+    annotations: Mapping[str, Any] = metadata.get("annotations") or {}
+    return annotations
 
 
 @dataclasses.dataclass(frozen=True)
