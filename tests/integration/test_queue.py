@@ -87,13 +87,48 @@ def test_waiters_take_the_lock_in_the_order_they_came_and_no_write_is_refused(
     # Waiters joining while it held never made its renewals or release fail.
     assert not REFUSED_WRITE.search(first_log), first_log
     logs = [waiter.communicate(timeout=60)[1] for waiter in waiters]
-    for waiter, stderr in zip(waiters, logs, strict=True):
+    for index, (waiter, stderr) in enumerate(zip(waiters, logs, strict=True)):
         assert waiter.returncode == 0, stderr
+        # Each says where it stands: those who came before it, still waiting.
+        assert "held by 'first' since" in stderr, stderr
+        assert f", {index} ahead in the queue" in stderr, stderr
         # A join, a take and a release each, all at the first try: never beaten
         # to the lock, nor refused for the others joining meanwhile.
         assert not REFUSED_WRITE.search(stderr), stderr
         assert stderr.count("API patch: 200") == 3, stderr
     assert log.read_text().split() == names
+    assert entries(admin, namespace) == []
+
+
+def test_a_release_recording_the_key_takes_the_entries_waiting_for_it_along(
+    kubeconfig: Path, namespace: str, admin: httpx.Client, tmp_path: Path
+) -> None:
+    first = spawn(
+        [*options(kubeconfig, namespace, "first", "--once", "v1"), "sleep", "2.5"],
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: holder(admin, namespace) == "first", what="first to hold the lock")
+    waiters = []
+    for name in ("w0", "w1"):
+        waiters.append(
+            spawn(
+                [*options(kubeconfig, namespace, name, "--once", "v1", "--verbose"), "false"],
+                stderr=subprocess.PIPE,
+            )
+        )
+
+        def joined(count: int = len(waiters)) -> bool:
+            return len(entries(admin, namespace)) == count
+
+        wait_for(joined, what=f"{name} to join the queue")
+    assert first.wait(timeout=60) == 0
+    for waiter in waiters:
+        _, stderr = waiter.communicate(timeout=60)
+        # The KEY was done: neither ran its (failing) command...
+        assert waiter.returncode == 0, stderr
+        assert "'v1' is done by 'first'" in stderr, stderr
+        # ...and neither had to take its entry out: the release did, with the KEY.
+        assert stderr.count("API patch: 200") == 1, stderr
     assert entries(admin, namespace) == []
 
 
