@@ -750,7 +750,8 @@ class Elector:
     async def keep_renewing(self, on_lost: Callable[[str], None] | None = None) -> str:
         """Renew every retry-period until the lease is lost; return why it was lost.
 
-        Runs forever while renewals succeed: cancel it to stop. The lease is
+        Runs forever while renewals succeed: cancel it to stop (a renewal in
+        flight finishes first, bounded by the renew deadline). The lease is
         lost when no renewal succeeded within renew-deadline of the last
         successful one being sent, or when another holder is seen. Each
         request is bounded by the time left before that deadline. ``on_lost``
@@ -775,7 +776,10 @@ class Elector:
             if attempt_started >= deadline:
                 return self._deadline_reason()
             outcome: _RenewOutcome = _Failed("timed out")
-            with trio.move_on_at(deadline):
+            # Shielded (and still bounded by the deadline): a renewal cancelled in
+            # flight may land all the same, and the release that follows would then
+            # test a record that is no longer there and be refused once.
+            with trio.CancelScope(deadline=deadline, shield=True):
                 outcome = await self._renew_once()
             match outcome:
                 case _Kept():

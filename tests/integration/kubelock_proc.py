@@ -105,6 +105,15 @@ def hold_command(name: str, seconds: float, log: Path) -> list[str]:
     return ["sh", "-c", HOLD, "sh", name, str(seconds), str(log)]
 
 
+# A child that holds the lock until the test says so: it waits for a file to appear.
+WAIT_FOR_FILE = 'while [ ! -e "$1" ]; do sleep 0.02; done'
+
+
+def hold_until(go: Path) -> list[str]:
+    """A command that runs until the test creates ``go`` (an event, not a duration)."""
+    return ["sh", "-c", WAIT_FOR_FILE, "sh", str(go)]
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

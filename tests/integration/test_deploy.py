@@ -39,7 +39,15 @@ import pytest
 
 from kubelock.testing import ControlPlane
 
-from .kubelock_proc import clean_environment, kubelock_argv, lease, run, spawn, wait_for
+from .kubelock_proc import (
+    clean_environment,
+    hold_until,
+    kubelock_argv,
+    lease,
+    run,
+    spawn,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy" / "kustomize" / "base"
@@ -244,23 +252,27 @@ def apply_base_rbac(
 
 
 def life_of_a_lock(
-    env: dict[str, str], lock_type: str, admin: httpx.Client, namespace: str
+    env: dict[str, str], lock_type: str, admin: httpx.Client, namespace: str, workdir: Path
 ) -> dict[str, subprocess.CompletedProcess[str]]:
     """The three steps every lock goes through, as three Pods would run them.
 
     `first` creates the lock and releases it; `holder` takes the existing lock
     over; `waiter` starts while `holder` holds it, so it has to wait (with a
-    watch where allowed) until `holder` releases it.
+    watch where allowed) until `holder` releases it: `holder` holds until the
+    waiter says it waits (or has ended), however slowly the machine starts it.
     """
     options = ["--lock-type", lock_type, *QUICK, "--verbose"]
     results = {"first": run([*options, "--id", "first", "--", "true"], env=env, timeout=60)}
 
+    go = workdir / "go"
     holder = spawn(
-        [*options, "--id", "holder", "--", "sleep", "2"],
+        [*options, "--id", "holder", "--", *hold_until(go)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    waiter_log = workdir / "waiter.stderr"
+    waiter: subprocess.Popen[str] | None = None
 
     def holder_holds_or_ended() -> bool:
         if holder.poll() is not None:
@@ -269,12 +281,31 @@ def life_of_a_lock(
 
     try:
         wait_for(holder_holds_or_ended, what="`holder` to hold the lock or give up")
-        results["waiter"] = run([*options, "--id", "waiter", "--", "true"], env=env, timeout=60)
+        with waiter_log.open("w") as stderr_file:
+            waiter = spawn(
+                [*options, "--id", "waiter", "--", "true"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=stderr_file,
+            )
+
+        def waiter_waits_or_ended() -> bool:
+            assert waiter is not None
+            return waiter.poll() is not None or "held by 'holder'" in waiter_log.read_text()
+
+        wait_for(waiter_waits_or_ended, what="`waiter` to wait for `holder` or give up")
+        go.touch()
+        waiter_stdout, _ = waiter.communicate(timeout=60)
+        results["waiter"] = subprocess.CompletedProcess(
+            waiter.args, waiter.returncode, waiter_stdout, waiter_log.read_text()
+        )
         stdout, stderr = holder.communicate(timeout=60)
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+        go.touch()
+        for process in (holder, waiter):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
     results["holder"] = subprocess.CompletedProcess(holder.args, holder.returncode, stdout, stderr)
     return results
 
@@ -327,7 +358,7 @@ def test_with_the_shipped_role_a_lock_lives_its_whole_life_cleanly(
     apply_base_rbac(control_plane, admin, tmp_path, namespace, lock_type=lock_type)
     env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
 
-    results = life_of_a_lock(env, lock_type, admin, namespace)
+    results = life_of_a_lock(env, lock_type, admin, namespace, tmp_path)
 
     assert_clean(results)
     assert not WATCH_REFUSED.search(results["waiter"].stderr), show(results)
@@ -346,7 +377,7 @@ def test_without_any_one_required_verb_kubelock_fails_with_its_rbac_message(
     apply_base_rbac(control_plane, admin, tmp_path, namespace, without=verb)
     env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
 
-    results = life_of_a_lock(env, "leases", admin, namespace)
+    results = life_of_a_lock(env, "leases", admin, namespace, tmp_path)
 
     message = RBAC_MESSAGE.format(verb=verb, resource="leases")
     refused = [r for r in results.values() if r.returncode != 0 and message in r.stderr]
@@ -365,7 +396,7 @@ def test_without_watch_waiters_poll_and_the_lock_still_lives_its_whole_life(
     apply_base_rbac(control_plane, admin, tmp_path, namespace, without="watch")
     env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
 
-    results = life_of_a_lock(env, "leases", admin, namespace)
+    results = life_of_a_lock(env, "leases", admin, namespace, tmp_path)
 
     assert_clean(results, refused_verbs=frozenset({"watch"}))
     # The waiter did try to watch, was refused, said it polls instead, and got the lock.
@@ -380,7 +411,7 @@ def test_with_update_instead_of_patch_the_lock_lives_and_waiters_wait_outside_th
     apply_base_rbac(control_plane, admin, tmp_path, namespace, without="patch", instead="update")
     env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / "serviceaccount")
 
-    results = life_of_a_lock(env, "leases", admin, namespace)
+    results = life_of_a_lock(env, "leases", admin, namespace, tmp_path)
 
     assert_clean(results, refused_verbs=frozenset({"patch"}))
     # The waiter tried to join the queue, was refused, said so, and got the lock.

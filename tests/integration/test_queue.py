@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from .kubelock_proc import lease, run, spawn, wait_for
+from .kubelock_proc import hold_until, lease, spawn, wait_for
 
 QUICK = ["--lease-duration", "6s", "--renew-deadline", "4s", "--retry-period", "1s"]
 QUEUE_PREFIX = "queue.kubelock.io/"
@@ -60,10 +60,10 @@ def test_waiters_take_the_lock_in_the_order_they_came_and_no_write_is_refused(
 ) -> None:
     log = tmp_path / "order"
     command = ["sh", "-c", f'echo "$KUBELOCK_IDENTITY" >> "{log}"; sleep 0.2']
-    # 2.5 s: its release is not due in the instant of a renewal (every 1 s), which
-    # it would cancel in flight and so find its own record changed.
+    # The holder holds until all five are in line, however slowly they start.
+    go = tmp_path / "go"
     first = spawn(
-        [*options(kubeconfig, namespace, "first", "--verbose"), "sleep", "2.5"],
+        [*options(kubeconfig, namespace, "first", "--verbose"), *hold_until(go)],
         stderr=subprocess.PIPE,
     )
     wait_for(lambda: holder(admin, namespace) == "first", what="first to hold the lock")
@@ -82,6 +82,7 @@ def test_waiters_take_the_lock_in_the_order_they_came_and_no_write_is_refused(
             return len(entries(admin, namespace)) == count
 
         wait_for(joined, what=f"{name} to join the queue")
+    go.touch()
     _, first_log = first.communicate(timeout=60)
     assert first.returncode == 0, first_log
     # Waiters joining while it held never made its renewals or release fail.
@@ -103,8 +104,9 @@ def test_waiters_take_the_lock_in_the_order_they_came_and_no_write_is_refused(
 def test_a_release_recording_the_key_takes_the_entries_waiting_for_it_along(
     kubeconfig: Path, namespace: str, admin: httpx.Client, tmp_path: Path
 ) -> None:
+    go = tmp_path / "go"
     first = spawn(
-        [*options(kubeconfig, namespace, "first", "--once", "v1"), "sleep", "2.5"],
+        [*options(kubeconfig, namespace, "first", "--once", "v1"), *hold_until(go)],
         stderr=subprocess.DEVNULL,
     )
     wait_for(lambda: holder(admin, namespace) == "first", what="first to hold the lock")
@@ -121,6 +123,7 @@ def test_a_release_recording_the_key_takes_the_entries_waiting_for_it_along(
             return len(entries(admin, namespace)) == count
 
         wait_for(joined, what=f"{name} to join the queue")
+    go.touch()
     assert first.wait(timeout=60) == 0
     for waiter in waiters:
         _, stderr = waiter.communicate(timeout=60)
@@ -135,16 +138,20 @@ def test_a_release_recording_the_key_takes_the_entries_waiting_for_it_along(
 def test_a_killed_waiter_is_passed_over_and_its_entry_removed(
     kubeconfig: Path, namespace: str, admin: httpx.Client, tmp_path: Path
 ) -> None:
+    go = tmp_path / "go"
     first = spawn(
-        [*options(kubeconfig, namespace, "first"), "sleep", "3"], stderr=subprocess.DEVNULL
+        [*options(kubeconfig, namespace, "first"), *hold_until(go)], stderr=subprocess.DEVNULL
     )
     wait_for(lambda: holder(admin, namespace) == "first", what="first to hold the lock")
     doomed = spawn([*options(kubeconfig, namespace, "doomed"), "true"], stderr=subprocess.DEVNULL)
     wait_for(lambda: entries(admin, namespace) == ["doomed"], what="doomed to join the queue")
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(timeout=30)
-    patient = run([*options(kubeconfig, namespace, "patient"), "true"], timeout=60)
-    assert patient.returncode == 0, patient.stderr
+    patient = spawn([*options(kubeconfig, namespace, "patient"), "true"], stderr=subprocess.PIPE)
+    wait_for(lambda: entries(admin, namespace) == ["doomed", "patient"], what="patient to join")
+    go.touch()
+    _, stderr = patient.communicate(timeout=60)
+    assert patient.returncode == 0, stderr
     assert first.wait(timeout=60) == 0
     # patient took its turn after doomed's and removed doomed's entry with its own.
     assert entries(admin, namespace) == []

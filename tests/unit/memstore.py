@@ -97,6 +97,7 @@ class MemoryLock:
         self.name = name
         self.latency = 0.0
         self.get_answer_latency = 0.0  # a GET reads at once, and its answer takes this long
+        self.update_answer_latency = 0.0  # a write lands at once, and its answer takes this long
         self.partitioned = False  # requests fail at once, as with connection refused
         self.hanging = False  # requests never answer (until cancelled)
         self.watch_forbidden = False
@@ -144,7 +145,10 @@ class MemoryLock:
             else stored.resource_version != current.resource_version
         ):
             raise Conflict("the object has been modified", status_code=409, reason="Conflict")
-        return self.backend._store(record, self.view, annotations)
+        stored = self.backend._store(record, self.view, annotations)
+        if self.update_answer_latency:
+            await trio.sleep(self.update_answer_latency)
+        return stored
 
     async def annotate(self, annotations: Mapping[str, str | None]) -> Observed:
         await self._request("patch")

@@ -775,3 +775,22 @@ async def test_holding_releases_when_the_body_ends(autojump_clock: trio.testing.
     assert backend.current is not None
     assert backend.current.record.holder_identity == ""
     assert not a.is_holding
+
+
+async def test_a_renewal_in_flight_when_the_body_ends_lands_before_the_release(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    store = memory_store(a)
+    # Each renewal is stored at once and answered 0.5 s later.
+    store.update_answer_latency = 0.5
+    async with a.holding():
+        # The body ends while the first renewal (sent at 2 s) awaits its answer.
+        await trio.sleep(2.2)
+    # The renewal was not cut short: the release tested the record the renewal
+    # wrote, and landed at the first try (a renewal, then the release).
+    assert [write.record.holder_identity for write in backend.history] == ["a", "a", ""]
+    assert store.requests.count("update") == 2
+    assert not a.is_holding
