@@ -2,8 +2,9 @@
 
 `ControlPlane` runs kube-apiserver and etcd on loopback with TLS, RBAC and
 token authentication; `kubelock.testing.assets.ensure_binaries()` finds or
-builds them (pinned in `kubelock.testing.versions`). Test-only: it needs the
-`cryptography` package.
+builds them (pinned in `kubelock.testing.versions`). The project's own test
+harness: it needs the `cryptography` package, and it is left out of the wheel
+(`pip install kubelock` carries only the tool).
 
 `kubelock.testing.cluster.Cluster` (imported from there: it is for the
 end-to-end tests) adds a node to it: kube-controller-manager, kube-scheduler,

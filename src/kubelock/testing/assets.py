@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
+from ._logs import tail
 from .versions import ETCD_VERSION, GO_MINIMUM, KUBERNETES_VERSION, STAGING_VERSION
 
 __all__ = [
@@ -524,17 +525,6 @@ def build_go_command(
         raise
     say(out, f"built {binary} in {time.monotonic() - started:.0f} s: {entry}")
     return entry / binary
-
-
-def tail(path: Path, *, lines: int = 30) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - 16384))
-            text = file.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def say(out: TextIO, message: str) -> None:

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .assets import tail
+from ._logs import tail
 
 __all__ = [
     "ControlPlane",

@@ -37,7 +37,8 @@ from typing import Final, TextIO
 
 import httpx
 
-from .assets import AssetsUnavailable, build_go_command, cache_root, exclusive, tail
+from ._logs import tail
+from .assets import AssetsUnavailable, build_go_command, cache_root, exclusive
 from .controlplane import Spawner, free_ports, terminate
 from .versions import PUSHGATEWAY_VERSION
 

@@ -26,7 +26,8 @@ from typing import Any, Final, TextIO
 
 import httpx
 
-from .assets import AssetsUnavailable, build_go_command, cache_root, exclusive, tail
+from ._logs import tail
+from .assets import AssetsUnavailable, build_go_command, cache_root, exclusive
 from .controlplane import Spawner, free_ports, terminate
 from .versions import TOXIPROXY_VERSION
 
