@@ -8,7 +8,8 @@ belongs to the command: ``kubelock --name db python manage.py migrate
 
 Parsing happens in two steps. :func:`split_argv` walks argv itself, because
 only kubelock knows where its options end; it also rewrites Go-style
-``-name`` to ``--name``. The options part is then read here, with the
+``-name`` to ``--name``. The options (declared once, in
+:mod:`kubelock.options`) are then read here, with the
 ``KUBELOCK_<NAME>`` environment variables, as cyclopts would read it; for
 ``--help``, ``--version`` and unusual forms it goes to cyclopts
 (:mod:`kubelock.usage`), whose import start-up need not pay for otherwise.
@@ -27,21 +28,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from ._version import __version__
 from .errors import KubelockError, UsageError
+from .options import DEFAULT_OPTIONS, OPTIONS, VERSION_TEXT, Options, env_var
 from .settings import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_LEASE_DURATION,
-    DEFAULT_NAME,
-    DEFAULT_RENEW_DEADLINE,
-    DEFAULT_RETRY_PERIOD,
-    LOCK_TYPES,
-    LOG_FORMATS,
     ElectionTiming,
     Settings,
     default_identity,
     flag,
-    format_duration,
     parse_duration,
     parse_metrics_address,
     validate_lock_type,
@@ -53,12 +46,6 @@ from .settings import (
 )
 
 __all__ = [
-    "DEFAULT_OPTIONS",
-    "ENV_PREFIX",
-    "OPTIONS",
-    "VERSION_TEXT",
-    "Options",
-    "env_var",
     "kubectl_argv",
     "kubectl_main",
     "main",
@@ -66,94 +53,18 @@ __all__ = [
     "split_argv",
 ]
 
-ENV_PREFIX = "KUBELOCK_"
-#: What ``kubelock --version`` prints.
-VERSION_TEXT = f"kubelock {__version__}"
 _T = TypeVar("_T")
 
-#: Every option: its long name, whether it takes a value, its other spellings.
-#: kubelock.usage declares the same options for cyclopts (help texts, env vars);
-#: a unit test keeps the two equal.
-OPTIONS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
-    ("--id", True, ()),
-    ("--kubeconfig", True, ()),
-    ("--context", True, ()),
-    ("--lease-duration", True, ()),
-    ("--renew-deadline", True, ()),
-    ("--retry-period", True, ()),
-    ("--name", True, ()),
-    ("--namespace", True, ()),
-    ("--lock-type", True, ()),
-    ("--grace-period", True, ()),
-    ("--log-format", True, ()),
-    ("--verbose", False, ("-v",)),
-    ("--metrics-address", True, ()),
-    ("--pushgateway", True, ()),
-    ("--timeout", True, ()),
-    ("--once", True, ()),
-    ("--status", False, ()),
-    ("--output", True, ("-o",)),
-    ("--help", False, ("-h",)),
-    ("--version", False, ()),
-)
-_CANONICAL = {spelling: long for long, _, others in OPTIONS for spelling in (long, *others)}
-_TAKES_VALUE = {long for long, takes_value, _ in OPTIONS if takes_value}
-#: What cyclopts prints: left to kubelock.usage.
-_PRINTED = frozenset({"--help", "--version"})
+#: --help and --version: printed by cyclopts (kubelock.usage), not options of a run.
+_PRINTED_SPELLINGS = {"--help": ("--help", "-h"), "--version": ("--version",)}
+_PRINTED = frozenset(_PRINTED_SPELLINGS)
+#: Every spelling → its long name, and the long names that take a value.
+_CANONICAL = {spelling: option.long for option in OPTIONS for spelling in option.spellings} | {
+    spelling: long for long, spellings in _PRINTED_SPELLINGS.items() for spelling in spellings
+}
+_TAKES_VALUE = {option.long for option in OPTIONS if option.takes_value}
 #: The options that take no value (as Options' field names).
-_FLAGS = ("verbose", "status")
-
-
-def env_var(name: str) -> str:
-    """Option ``name``'s environment variable: ``lease-duration`` → ``KUBELOCK_LEASE_DURATION``."""
-    return ENV_PREFIX + name.upper().replace("-", "_")
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """The options as given (command line over environment over default), not yet checked."""
-
-    id: str | None
-    kubeconfig: str | None
-    context: str | None
-    lease_duration: str
-    renew_deadline: str
-    retry_period: str
-    name: str
-    namespace: str | None
-    lock_type: str
-    grace_period: str
-    log_format: str
-    verbose: bool
-    metrics_address: str | None
-    pushgateway: str | None
-    timeout: str | None
-    once: str | None
-    status: bool
-    output: str
-
-
-#: The value of each option nobody set (on the command line or in the environment).
-DEFAULT_OPTIONS = Options(
-    id=None,
-    kubeconfig=None,
-    context=None,
-    lease_duration=format_duration(DEFAULT_LEASE_DURATION),
-    renew_deadline=format_duration(DEFAULT_RENEW_DEADLINE),
-    retry_period=format_duration(DEFAULT_RETRY_PERIOD),
-    name=DEFAULT_NAME,
-    namespace=None,
-    lock_type=LOCK_TYPES[0],
-    grace_period=format_duration(DEFAULT_GRACE_PERIOD),
-    log_format=LOG_FORMATS[0],
-    verbose=False,
-    metrics_address=None,
-    pushgateway=None,
-    timeout=None,
-    once=None,
-    status=False,
-    output="text",
-)
+_FLAGS = tuple(option.field for option in OPTIONS if not option.takes_value)
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -4,23 +4,22 @@
 ``--version``, itself; it hands the options here (which imports cyclopts,
 rich and attrs: tens of milliseconds of start-up) only for ``--help`` and for
 what it does not read itself: a repeated option, an empty value,
-``--verbose`` given a value or set through the environment. The options, their help texts
-and environment variables are declared here once; :data:`kubelock.cli.OPTIONS`
-lists the same names, and a unit test keeps the two equal.
+``--verbose`` given a value or set through the environment. Both read the
+options from the one table in :mod:`kubelock.options`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 from typing import TYPE_CHECKING, Annotated, Any
 
 import cyclopts
 from cyclopts import App, Parameter
 
-from .cli import DEFAULT_OPTIONS, VERSION_TEXT, Options, env_var
 from .errors import UsageError, one_line
-from .settings import LOCK_TYPES, LOG_FORMATS
+from .options import DEFAULT_OPTIONS, OPTIONS, VERSION_TEXT, Option, Options, env_var
 
 if TYPE_CHECKING:
     from cyclopts.help import HelpPanel
@@ -48,136 +47,47 @@ Exit status:
   130, 143               interrupted (SIGINT, SIGTERM) while waiting for the lock"""
 
 
-def _option(name: str, metavar: str | None, help: str, **kwargs: Any) -> Parameter:
-    return Parameter(
-        name=f"--{name}", env_var=env_var(name), metavar=metavar, help=help, negative=(), **kwargs
+def _parameter(option: Option) -> inspect.Parameter:
+    """``option`` as a keyword parameter of the function cyclopts reads options into."""
+    if not option.takes_value:
+        kind: Any = bool
+    elif option.default is None:
+        kind = str | None
+    else:
+        kind = str
+    extra: dict[str, Any] = {}
+    if option.shown_default is not None:
+        extra["show_default"] = option.shown_default
+    if option.alias is not None:
+        extra["alias"] = option.alias
+    declared = Parameter(
+        name=option.long,
+        env_var=env_var(option.name),
+        metavar=option.metavar,
+        help=option.help,
+        negative=(),
+        **extra,
+    )
+    return inspect.Parameter(
+        option.field,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=option.default,
+        annotation=Annotated[kind, declared],
     )
 
 
-def _options(
-    *,
-    id: Annotated[
-        str | None,
-        _option(
-            "id",
-            "string",
-            "the holder identity written into the lock",
-            show_default="$HOSTNAME, else the host name",
-        ),
-    ] = None,
-    kubeconfig: Annotated[
-        str | None,
-        _option(
-            "kubeconfig",
-            "path",
-            "the kubeconfig file",
-            show_default="$KUBECONFIG, else the Pod's ServiceAccount, else ~/.kube/config",
-        ),
-    ] = None,
-    context: Annotated[
-        str | None,
-        _option("context", "name", "the kubeconfig context", show_default="its current context"),
-    ] = None,
-    lease_duration: Annotated[
-        str,
-        _option(
-            "lease-duration",
-            "duration",
-            "how long contenders wait after the holder's last renewal before taking over",
-        ),
-    ] = DEFAULT_OPTIONS.lease_duration,
-    renew_deadline: Annotated[
-        str,
-        _option(
-            "renew-deadline",
-            "duration",
-            "how long the holder keeps trying to renew before it gives up the lock",
-        ),
-    ] = DEFAULT_OPTIONS.renew_deadline,
-    retry_period: Annotated[
-        str,
-        _option("retry-period", "duration", "how often to renew, or to retry taking the lock"),
-    ] = DEFAULT_OPTIONS.retry_period,
-    name: Annotated[str, _option("name", "string", "the lock's name")] = DEFAULT_OPTIONS.name,
-    namespace: Annotated[
-        str | None,
-        _option(
-            "namespace",
-            "string",
-            "the lock's namespace",
-            show_default="the Pod's own, or the kubeconfig context's, else default",
-        ),
-    ] = None,
-    lock_type: Annotated[
-        str,
-        _option("lock-type", "|".join(LOCK_TYPES), "the kind of object that holds the lock"),
-    ] = DEFAULT_OPTIONS.lock_type,
-    grace_period: Annotated[
-        str,
-        _option(
-            "grace-period",
-            "duration",
-            "how long the command gets to stop after SIGTERM before SIGKILL",
-        ),
-    ] = DEFAULT_OPTIONS.grace_period,
-    log_format: Annotated[
-        str, _option("log-format", "|".join(LOG_FORMATS), "how log lines look on stderr")
-    ] = DEFAULT_OPTIONS.log_format,
-    verbose: Annotated[
-        bool,
-        _option("verbose", None, "also log renewals and API requests", alias="-v"),
-    ] = False,
-    metrics_address: Annotated[
-        str | None,
-        _option(
-            "metrics-address",
-            "HOST:PORT",
-            "serve Prometheus /metrics and /healthz here",
-            show_default="off",
-        ),
-    ] = None,
-    pushgateway: Annotated[
-        str | None,
-        _option(
-            "pushgateway", "URL", "push the metrics to this Pushgateway at exit", show_default="off"
-        ),
-    ] = None,
-    timeout: Annotated[
-        str | None,
-        _option(
-            "timeout",
-            "duration",
-            "stop waiting for the lock after this long and exit 124, nothing written: such a "
-            "waiter stays out of the queue (0: try once)",
-            show_default="wait as long as it takes",
-        ),
-    ] = None,
-    once: Annotated[
-        str | None,
-        _option(
-            "once",
-            "KEY",
-            "run COMMAND at most once per KEY (a version, a migrations hash): once it "
-            "exited 0, every contender with that KEY exits 0 without running it",
-            show_default="off",
-        ),
-    ] = None,
-    status: Annotated[
-        bool,
-        _option(
-            "status",
-            None,
-            "show the lock (holder, renewals, done KEYs, waiters) and exit; no COMMAND, "
-            "needs only 'get'",
-        ),
-    ] = False,
-    output: Annotated[
-        str,
-        _option("output", "text|json", "how --status prints the lock", alias="-o"),
-    ] = "text",
-) -> Options:
-    given = locals()
-    return Options(**{field.name: given[field.name] for field in dataclasses.fields(Options)})
+def _read(**given: Any) -> Options:
+    return dataclasses.replace(DEFAULT_OPTIONS, **given)
+
+
+# cyclopts reads the options from this signature, built from kubelock.options.
+_read.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_parameter(option) for option in OPTIONS], return_annotation=Options
+)
+_read.__annotations__ = {
+    parameter.name: parameter.annotation
+    for parameter in _read.__signature__.parameters.values()  # type: ignore[attr-defined]
+} | {"return": Options}
 
 
 _COMMAND_HELP = {"-h, --help": "show this help and exit", "--version": "print the version and exit"}
@@ -245,7 +155,7 @@ def _make_app() -> App:
         help_on_error=False,
         result_action="return_value",
     )
-    app.default(_options)
+    app.default(_read)
     return app
 
 

@@ -5,6 +5,7 @@ None of this needs an API server: everything is checked before any I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -414,6 +415,25 @@ def test_the_option_table_is_the_one_cyclopts_declares() -> None:
     from kubelock import usage
 
     assert usage.option_table() == (cli._CANONICAL, cli._TAKES_VALUE)
+
+
+def test_the_options_are_declared_once_and_the_help_is_built_without_the_cli() -> None:
+    from kubelock import options
+
+    fields = [field.name for field in dataclasses.fields(options.Options)]
+    assert fields == [option.field for option in options.OPTIONS]
+    # kubelock.usage (cyclopts) reads the same table: it needs nothing of kubelock.cli.
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, kubelock.usage; print('kubelock.cli' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert imported.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(
