@@ -2,8 +2,8 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-# lint, types, and the whole suite against a real kube-apiserver (what CI runs)
-test: lint test-tools
+# lint, types, the docs, and the whole suite against a real kube-apiserver (what CI runs)
+test: lint docs test-tools
     uv run python -m kubelock.testing.assets
     uv run python -m kubelock.testing.toxiproxy
     uv run pytest
@@ -14,6 +14,10 @@ lint:
     uv run ruff format --check
     uv run mypy
     scripts/lint-dockerfile
+
+# the documentation site (docs/, mkdocs.yml) into site/; any warning fails the build
+docs:
+    NO_MKDOCS_2_WARNING=1 uv run --frozen --group docs mkdocs build --strict
 
 # a local control plane and three kubelocks racing for one lock, with a timeline
 demo:
