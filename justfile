@@ -61,6 +61,11 @@ chaos *ARGS:
     uv run python -m kubelock.testing.toxiproxy
     uv run python -m tests.chaos {{ARGS}}
 
+# the deterministic simulator: contenders, a model API server, seeded faults; fails on any
+# overlap of two commands. ARGS: --handoffs --per-seed --seed --trace --without --kind --timings
+simulate *ARGS:
+    uv run python -m tests.sim.simulate {{ARGS}}
+
 # hand-off latency, a waiting contender's request rate, start-up cost, the watchdog's cost and speed
 bench:
     uv run python -m benchmarks.handoff
