@@ -70,6 +70,7 @@ def describe(
         "exists": True,
         "held": record.is_held and not expired,
         "holder": record.holder_identity or None,
+        "recordUnreadable": record.unreadable,
         "acquireTime": _time(record.acquire_time),
         "renewTime": _time(record.renew_time),
         "renewAgeSeconds": renew_age,
@@ -107,7 +108,9 @@ def as_text(view: dict[str, Any]) -> str:
     if not view["exists"]:
         lines.append("holder:       nobody (the object does not exist yet)")
         return _lines(lines)
-    if view["holder"] is None:
+    if view["recordUnreadable"]:
+        lines.append("holder:       unknown (the record does not parse; counted as held)")
+    elif view["holder"] is None:
         lines.append("holder:       nobody (released)")
     else:
         state = " (lease expired by this machine's clock)" if view["expired"] else ""

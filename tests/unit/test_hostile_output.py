@@ -18,7 +18,7 @@ from kubelock.events import WaitFailed, Waiting
 from kubelock.locks.base import Observed
 from kubelock.locks.once import DONE_ANNOTATION
 from kubelock.locks.queue import QUEUE_PREFIX
-from kubelock.locks.record import LeaderElectionRecord
+from kubelock.locks.record import UNREADABLE_RECORD, LeaderElectionRecord
 from kubelock.log import log_event, logger, setup_logging
 from kubelock.status import as_text, describe
 
@@ -87,3 +87,12 @@ def test_text_log_lines_escape_control_characters() -> None:
     assert len(lines) == 2
     assert "\x1b" not in stream.getvalue()
     assert lines[0].endswith("still waiting: the server said \\x1b[2J\\x0akubelock: forged line")
+
+
+def test_status_says_when_the_record_does_not_parse() -> None:
+    lock = Observed(UNREADABLE_RECORD, "7", {})
+    view = describe("configmaps", "shop", "migrations", lock, NOW)
+    assert view["held"] is True
+    assert view["holder"] is None
+    assert view["recordUnreadable"] is True
+    assert "holder:       unknown (the record does not parse; counted as held)" in as_text(view)
