@@ -83,6 +83,7 @@ from .locks.queue import (
     Waiter,
     ahead_of,
     entry,
+    fits,
     has_entry,
     queue_key,
     removals,
@@ -428,6 +429,8 @@ class Elector:
         record = self._observed.record if self._observed else None
         if record is None or not record.is_held:
             return "it was taken by somebody else"
+        if record.unreadable:
+            return "its record does not parse (held by nobody known)"
         return f"held by {record.holder_identity!r}"
 
     async def _wait_for_change_or_expiry(self, give_up_at: float = math.inf) -> None:
@@ -446,7 +449,12 @@ class Elector:
         """Local time at which the observed lease expires (None when not held by anyone)."""
         if self._observed is None or not self._observed.record.is_held:
             return None
-        return self._observed_time + self._observed.record.lease_duration_seconds
+        record = self._observed.record
+        # A record that does not parse names no lease: count this contender's own.
+        duration = (
+            self.timing.lease_duration if record.unreadable else record.lease_duration_seconds
+        )
+        return self._observed_time + duration
 
     async def _watch(self) -> None:
         """Feed changes of the lock object into the waiting loop; restart when dropped."""
@@ -616,6 +624,10 @@ class Elector:
         # In line by when it came; once passed over, at the back.
         since = self._wall_clock() if self._joined else self._arrived
         mine = entry(self.identity, since, self.once)
+        if not fits(mine):
+            # An identity too long for the queue's bounds: nobody would see the entry.
+            self._in_queue = False
+            return
         try:
             joined = await self.store.annotate({mine.key: mine.value()})
         except Forbidden as error:
@@ -826,6 +838,8 @@ class Elector:
                     )
                     if fresh.record.holder_identity == self.identity:
                         holder = "another process with the same identity"
+                    elif fresh.record.unreadable:
+                        holder = "a record that does not parse"
                     self._observe(fresh)
                     return _Taken(f"the lock was taken over by {holder}")
                 current = fresh

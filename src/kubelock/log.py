@@ -4,6 +4,8 @@ Everything kubelock says goes through the ``kubelock`` logger. The JSON form
 has stable keys: ``time`` (RFC 3339, UTC, milliseconds), ``level``, ``msg``,
 ``event`` (the election event's name, or null) and then the event's own
 fields, so log pipelines can match on ``event`` rather than on wording.
+Control characters in a message (names as written on the lock object) are
+escaped in both forms (:mod:`kubelock.text`), so a line is always one line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .events import (
     Waiting,
 )
 from .settings import LogFormat, format_duration
+from .text import printable, printable_json
 
 __all__ = [
     "log_event",
@@ -68,7 +71,7 @@ def report_error(message: str) -> None:
     if _format == "json":
         logger.error(message)
     else:
-        print(f"kubelock: {message}", file=sys.stderr, flush=True)
+        print(f"kubelock: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def log_event(event: Event) -> None:
@@ -186,7 +189,7 @@ class _TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"kubelock: {_record_time(record)} {level}{record.getMessage()}"
+        text = f"kubelock: {_record_time(record)} {level}{printable(record.getMessage())}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
@@ -206,4 +209,4 @@ class _JsonFormatter(logging.Formatter):
             line.setdefault(key, value)
         if record.exc_info:
             line.setdefault("error", self.formatException(record.exc_info))
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return printable_json(json.dumps(line, ensure_ascii=False, default=str))

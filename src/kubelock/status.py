@@ -6,6 +6,8 @@ waiters in the queue, first in line first, as text for people or as JSON
 (``-o json``) for scripts. Ages are judged by this
 machine's clock against the holder's timestamps, so they are only as right
 as the two clocks agree; the election itself never trusts remote clocks.
+Names as written on the lock object may hold control characters: the text
+shows them escaped (:mod:`kubelock.text`), the JSON as JSON escapes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .locks.once import done_keys
 from .locks.queue import waiters
 from .locks.record import format_micro_time, utc_now
 from .settings import OutputFormat, Settings
+from .text import printable
 
 
 def run(settings: Settings, out: TextIO | None = None) -> int:
@@ -67,6 +70,7 @@ def describe(
         "exists": True,
         "held": record.is_held and not expired,
         "holder": record.holder_identity or None,
+        "recordUnreadable": record.unreadable,
         "acquireTime": _time(record.acquire_time),
         "renewTime": _time(record.renew_time),
         "renewAgeSeconds": renew_age,
@@ -103,8 +107,10 @@ def as_text(view: dict[str, Any]) -> str:
     lines = [f"lock:         {view['kind']} {view['namespace']}/{view['name']}"]
     if not view["exists"]:
         lines.append("holder:       nobody (the object does not exist yet)")
-        return "\n".join(lines) + "\n"
-    if view["holder"] is None:
+        return _lines(lines)
+    if view["recordUnreadable"]:
+        lines.append("holder:       unknown (the record does not parse; counted as held)")
+    elif view["holder"] is None:
         lines.append("holder:       nobody (released)")
     else:
         state = " (lease expired by this machine's clock)" if view["expired"] else ""
@@ -135,7 +141,12 @@ def as_text(view: dict[str, Any]) -> str:
             since = f" ({waited:.1f}s)" if waited is not None else ""
             once = f"  --once {waiter['once']}" if waiter["once"] is not None else ""
             lines.append(f"  {waiter['identity']}  since {waiter['since'] or '-'}{since}{once}")
-    return "\n".join(lines) + "\n"
+    return _lines(lines)
+
+
+def _lines(lines: list[str]) -> str:
+    """The lines as printed: what the lock object says may hold terminal escapes."""
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _time(moment: datetime | None) -> str | None:

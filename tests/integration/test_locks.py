@@ -27,6 +27,7 @@ from kubelock.locks import (
     Observed,
     make_lock,
 )
+from kubelock.locks.record import UNREADABLE_RECORD
 from kubelock.testing import ControlPlane, IdentityFactory
 
 KINDS = ["leases", "endpoints", "configmaps"]
@@ -281,9 +282,10 @@ async def test_a_record_written_by_go_is_read(
     assert observed.record.leader_transitions == 4
 
 
-async def test_an_object_without_a_usable_record_reads_empty_and_can_be_taken(
+async def test_an_object_whose_record_does_not_parse_reads_held_and_can_be_replaced(
     control_plane: ControlPlane, admin_config: ClusterConfig, namespace: str
 ) -> None:
+    # Held by nobody known (the election waits out a lease first), never free.
     configmap: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -295,7 +297,8 @@ async def test_an_object_without_a_usable_record_reads_empty_and_can_be_taken(
         lock = ConfigMapLock(api, "app", namespace)
         current = await lock.get()
         assert current is not None
-        assert current.record == LeaderElectionRecord()
+        assert current.record == UNREADABLE_RECORD
+        assert current.record.is_held
         taken = await lock.update(record("pod-a"), current)
     assert taken.record.holder_identity == "pod-a"
     assert taken.raw["data"] == {"kept": "yes"}

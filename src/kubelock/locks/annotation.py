@@ -6,8 +6,14 @@ is written byte for byte as client-go writes it (field names
 ``leaderTransitions``; times in whole seconds), so a Go kubelock and this
 one exclude each other on the same object.
 
-An annotation that is missing or does not parse reads as an empty record,
-as in client-go; the next write replaces it.
+An annotation that is missing or empty reads as an empty record (free). One
+that does not parse (anybody with ``patch`` can write one) never reads as
+free: client-go cannot go on at all (its every attempt fails with "error
+retrieving resource lock") until somebody repairs it; kubelock reads it as
+held by an unknown holder (:data:`~.record.UNREADABLE_RECORD`) for one lease
+from when it first saw it, and after that replaces it with a conditional
+write like any expired record. A holder that finds its record so replaced
+has lost the lock, as when anybody else takes it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from .lease import ApiLock
-from .record import LEADER_ANNOTATION, LeaderElectionRecord, annotations_of
+from .record import LEADER_ANNOTATION, UNREADABLE_RECORD, LeaderElectionRecord, annotations_of
 
 __all__ = [
     "AnnotationLock",
@@ -40,8 +46,8 @@ class AnnotationLock(ApiLock):
             return LeaderElectionRecord()
         try:
             return LeaderElectionRecord.from_annotation(value)
-        except (ValueError, TypeError):
-            return LeaderElectionRecord()
+        except ValueError:
+            return UNREADABLE_RECORD
 
     def put_record(self, obj: dict[str, Any], record: LeaderElectionRecord) -> None:
         metadata = obj.setdefault("metadata", {})

@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..kube.api import ApiClient, Target
 from .base import Observed
-from .record import LeaderElectionRecord
+from .record import UNREADABLE_RECORD, LeaderElectionRecord
 
 __all__ = [
     "ApiLock",
@@ -70,7 +70,8 @@ class ApiLock:
     # -- where the record lives (per kind) ------------------------------------------
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
-        """The record in ``obj``; an empty record when it has none (or none that parses)."""
+        """The record in ``obj``: an empty record when it has none, and
+        :data:`~.record.UNREADABLE_RECORD` (held) when it has one that does not parse."""
         raise NotImplementedError
 
     def put_record(self, obj: dict[str, Any], record: LeaderElectionRecord) -> None:
@@ -243,7 +244,10 @@ class LeaseLock(ApiLock):
 
     def record_of(self, obj: dict[str, Any]) -> LeaderElectionRecord:
         spec = obj.get("spec")
-        return LeaderElectionRecord.from_lease_spec(spec if isinstance(spec, dict) else None)
+        try:
+            return LeaderElectionRecord.from_lease_spec(spec if isinstance(spec, dict) else None)
+        except ValueError:  # the API server checks the types; this is only for the unexpected
+            return UNREADABLE_RECORD
 
     def put_record(self, obj: dict[str, Any], record: LeaderElectionRecord) -> None:
         spec = obj.get("spec")

@@ -14,7 +14,9 @@ annotations they do not know when they update the record).
 
 An annotation that does not parse reads as no KEY done: the next run writes
 a fresh one. The worst outcome is a command run once more, never twice at the
-same time.
+same time. An entry that does not parse, or whose ``key`` or ``by`` is longer
+than a KEY or an identity may be (:data:`MAX_ONCE_KEY_LENGTH`,
+:data:`~.queue.MAX_IDENTITY_LENGTH`), is left out, and the next release drops it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from ..settings import MAX_ONCE_KEY_LENGTH
+from .queue import MAX_IDENTITY_LENGTH
 from .record import annotations_of, format_micro_time, parse_time
 
 DONE_ANNOTATION = "kubelock.io/done"
@@ -57,21 +61,25 @@ def done_keys(obj: Mapping[str, Any]) -> tuple[DoneKey, ...]:
         return ()
     try:
         entries = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return ()
     if not isinstance(entries, list):
         return ()
     keys = []
     for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+        if not isinstance(entry, dict):
             continue
-        token = entry.get("token")
+        key, by, token = entry.get("key"), entry.get("by") or "", entry.get("token")
+        if not isinstance(key, str) or len(key) > MAX_ONCE_KEY_LENGTH:
+            continue
+        if not isinstance(by, str) or len(by) > MAX_IDENTITY_LENGTH:
+            continue
         keys.append(
             DoneKey(
-                key=entry["key"],
-                by=str(entry.get("by") or ""),
+                key=key,
+                by=by,
                 at=parse_time(entry.get("at")),
-                fencing_token=token if isinstance(token, int) else 0,
+                fencing_token=token if type(token) is int else 0,  # not a bool
             )
         )
     return tuple(keys)

@@ -27,6 +27,12 @@ ordinary conditional write. Contenders that do not know it (client-go, the Go
 kubelock) keep the annotations as they are and exclude everyone as before.
 The wall clocks in ``since`` only order waiters; a skewed clock moves its
 waiter in the queue, nothing more.
+
+Anybody with ``patch`` on the object can write entries, so what is parsed and
+kept is bounded: an entry longer than :data:`MAX_ENTRY_LENGTH`, or whose
+identity or KEY is longer than an identity or a KEY may be, is left out like
+one that does not parse. A waiter whose own entry would be that long waits
+outside the queue.
 """
 
 from __future__ import annotations
@@ -39,14 +45,18 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from ..settings import MAX_ONCE_KEY_LENGTH
 from .record import annotations_of, format_micro_time, parse_time
 
 __all__ = [
+    "MAX_ENTRY_LENGTH",
+    "MAX_IDENTITY_LENGTH",
     "QUEUE_PREFIX",
     "TURN_TIMEOUT",
     "Waiter",
     "ahead_of",
     "entry",
+    "fits",
     "has_entry",
     "queue_key",
     "removals",
@@ -57,11 +67,18 @@ QUEUE_PREFIX = "queue.kubelock.io/"
 #: How long a waiter has for its turn (seconds after the lock was seen free)
 #: before the next one in line writes instead.
 TURN_TIMEOUT = 1.0
+#: The longest identity an entry (or a done KEY's ``by``) may name: a Pod's name is at
+#: most 253 characters, client-go's identities are a host name and a UUID.
+MAX_IDENTITY_LENGTH = 512
+#: The longest entry parsed: an identity and a KEY as long as they may be, with room for
+#: JSON's escapes. Longer ones are never parsed nor kept (the cache holds the parsed ones).
+MAX_ENTRY_LENGTH = 1024
 
 
 def queue_key(identity: str) -> str:
     """The annotation of ``identity``'s entry: a digest, so any identity makes a valid key."""
-    return QUEUE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:16]
+    # surrogatepass: an --id from argv that is not UTF-8 holds lone surrogates.
+    return QUEUE_PREFIX + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +116,11 @@ def waiters(obj: Mapping[str, Any]) -> list[Waiter]:
     """
     found = []
     for key, value in annotations_of(obj).items():
-        if key.startswith(QUEUE_PREFIX) and isinstance(value, str):
+        if (
+            key.startswith(QUEUE_PREFIX)
+            and isinstance(value, str)
+            and len(value) <= MAX_ENTRY_LENGTH
+        ):
             waiter = _parse(key, value)
             if waiter is not None:
                 found.append(waiter)
@@ -109,20 +130,26 @@ def waiters(obj: Mapping[str, Any]) -> list[Waiter]:
 @functools.lru_cache(maxsize=1024)
 def _parse(key: str, value: str) -> Waiter | None:
     """One entry, or ``None`` when it does not parse. Cached: every waiter reads
-    every entry on every change of the lock object."""
+    every entry on every change of the lock object. The values are at most
+    :data:`MAX_ENTRY_LENGTH` long, so the cache is bounded too."""
     try:
         parsed = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("id"), str):
+    if not isinstance(parsed, dict):
         return None
-    once = parsed.get("once")
-    return Waiter(
-        key=key,
-        identity=parsed["id"],
-        since=parse_time(parsed.get("since")),
-        once=once if isinstance(once, str) else None,
-    )
+    identity, once = parsed.get("id"), parsed.get("once")
+    if not isinstance(identity, str) or len(identity) > MAX_IDENTITY_LENGTH:
+        return None
+    if once is not None and (not isinstance(once, str) or len(once) > MAX_ONCE_KEY_LENGTH):
+        return None
+    return Waiter(key=key, identity=identity, since=parse_time(parsed.get("since")), once=once)
+
+
+def fits(waiter: Waiter) -> bool:
+    """True when ``waiter``'s entry is within the bounds, so that others see it in line."""
+    value = waiter.value()
+    return len(value) <= MAX_ENTRY_LENGTH and _parse(waiter.key, value) is not None
 
 
 def has_entry(obj: Mapping[str, Any], identity: str) -> bool:

@@ -3,6 +3,12 @@
 Lease objects keep it in ``spec`` (``leaseTransitions`` there); Endpoints and
 ConfigMaps keep it as JSON in the annotation
 ``control-plane.alpha.kubernetes.io/leader`` (``leaderTransitions`` there).
+
+Anyone allowed to patch the object writes what is parsed here, so parsing
+never raises anything but ``ValueError``. A record that does not parse (not
+JSON, fields of the wrong type, numbers out of range) is read as
+:data:`UNREADABLE_RECORD`: held by an unknown holder, never as free. A time
+that does not parse only reads as no time: times are shown, never judged.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "LEADER_ANNOTATION",
+    "UNREADABLE_RECORD",
     "LeaderElectionRecord",
     "annotations_of",
     "format_micro_time",
@@ -24,6 +31,8 @@ __all__ = [
 ]
 
 LEADER_ANNOTATION = "control-plane.alpha.kubernetes.io/leader"
+#: The most a count (lease duration, transitions) may be: Go's int64, as client-go parses it.
+_MAX_COUNT = 2**63 - 1
 
 
 def annotations_of(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -42,11 +51,16 @@ class LeaderElectionRecord:
     acquire_time: datetime | None = None
     renew_time: datetime | None = None
     leader_transitions: int = 0
+    #: The object's record did not parse: nobody knows who holds it, nor for how long.
+    unreadable: bool = False
 
     @property
     def is_held(self) -> bool:
-        """True when somebody claims the lock (an empty holder means released)."""
-        return self.holder_identity != ""
+        """True when somebody claims the lock (an empty holder means released).
+
+        An unreadable record counts as held: whoever wrote it may be running.
+        """
+        return self.holder_identity != "" or self.unreadable
 
     # -- Lease (coordination.k8s.io/v1) spec ---------------------------------
 
@@ -65,14 +79,8 @@ class LeaderElectionRecord:
 
     @classmethod
     def from_lease_spec(cls, spec: dict[str, Any] | None) -> LeaderElectionRecord:
-        spec = spec or {}
-        return cls(
-            holder_identity=str(spec.get("holderIdentity") or ""),
-            lease_duration_seconds=int(spec.get("leaseDurationSeconds") or 0),
-            acquire_time=parse_time(spec.get("acquireTime")),
-            renew_time=parse_time(spec.get("renewTime")),
-            leader_transitions=int(spec.get("leaseTransitions") or 0),
-        )
+        """Parse a Lease ``spec``; raises ``ValueError`` when a field has the wrong type."""
+        return cls._from_fields(spec or {}, "leaseTransitions")
 
     # -- annotation JSON (Endpoints, ConfigMap) -------------------------------
 
@@ -92,16 +100,42 @@ class LeaderElectionRecord:
     @classmethod
     def from_annotation(cls, value: str) -> LeaderElectionRecord:
         """Parse the annotation; raises ``ValueError`` when it is not a record."""
-        data = json.loads(value)
+        try:
+            data = json.loads(value)
+        except RecursionError:  # nested deeper than the parser goes
+            raise ValueError("leader annotation is nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError("leader annotation is not a JSON object")
+        return cls._from_fields(data, "leaderTransitions")
+
+    @classmethod
+    def _from_fields(cls, fields: Mapping[str, Any], transitions: str) -> LeaderElectionRecord:
+        """The record in ``fields``; ``ValueError`` for a wrong type, as Go's decoder says."""
+        holder = fields.get("holderIdentity")
+        if holder is not None and not isinstance(holder, str):
+            raise ValueError("holderIdentity is not a string")
         return cls(
-            holder_identity=str(data.get("holderIdentity") or ""),
-            lease_duration_seconds=int(data.get("leaseDurationSeconds") or 0),
-            acquire_time=parse_time(data.get("acquireTime")),
-            renew_time=parse_time(data.get("renewTime")),
-            leader_transitions=int(data.get("leaderTransitions") or 0),
+            holder_identity=holder or "",
+            lease_duration_seconds=_count(fields, "leaseDurationSeconds"),
+            acquire_time=parse_time(fields.get("acquireTime")),
+            renew_time=parse_time(fields.get("renewTime")),
+            leader_transitions=_count(fields, transitions),
         )
+
+
+#: What an object's record that does not parse reads as: held, by nobody known. The
+#: election counts it as held for its own lease duration from when it first saw it.
+UNREADABLE_RECORD = LeaderElectionRecord(unreadable=True)
+
+
+def _count(fields: Mapping[str, Any], name: str) -> int:
+    """An integer field: 0 when absent or null; ``ValueError`` unless a JSON integer in range."""
+    value = fields.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_COUNT:
+        raise ValueError(f"{name} is not an integer in range")
+    return value
 
 
 def utc_now() -> datetime:
@@ -122,10 +156,11 @@ def format_time(moment: datetime | None) -> str | None:
 
 
 def parse_time(value: object) -> datetime | None:
-    """Parse RFC 3339 with or without fractional seconds; ``None`` for empty values."""
+    """Parse RFC 3339 with or without fractional seconds; ``None`` for empty values
+    and for anything else that is not a time (or not one Python can hold in UTC)."""
     if not value or not isinstance(value, str):
         return None
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # OSError: the local time zone's limits
         return None
