@@ -12,7 +12,8 @@ runs the same operations against both and compares):
 * A write that leaves the object as it was (a no-op) is skipped: no new
   ``resourceVersion``, no watch event.
 * POST: 409 ``AlreadyExists``. PUT: 409 ``Conflict`` when its
-  ``metadata.resourceVersion`` is not the current one. JSON patch (RFC 6902):
+  ``metadata.resourceVersion`` is not the current one; on a missing Lease or
+  Endpoints it creates the object (201), on a missing ConfigMap 404. JSON patch (RFC 6902):
   a failed ``test``, or a ``remove`` of what is not there, is 422 ``Invalid``
   with the server's generic message. Merge patch (RFC 7386). 404 ``NotFound``.
 * Watch (``watch=true``, one object by field selector): from no version, an
@@ -42,6 +43,8 @@ import trio
 __all__ = ["ApiServerModel", "Faults", "ModelTransport"]
 
 BOOKMARK_INTERVAL = 60.0
+#: The resources whose PUT creates a missing object (their strategy's AllowCreateOnUpdate).
+_CREATE_ON_UPDATE = frozenset({"leases", "endpoints"})
 _GENERIC_INVALID = "the server rejected our request due to an error in our request"
 
 
@@ -203,7 +206,12 @@ class ApiServerModel:
     def replace(self, key: str, name: str, resource: str, body: dict[str, Any]) -> httpx.Response:
         current = self.objects.get(key)
         if current is None:
-            return _not_found(resource, name)
+            if resource not in _CREATE_ON_UPDATE:
+                return _not_found(resource, name)
+            # Leases and Endpoints allow create on update, whatever version the PUT carries.
+            body = copy.deepcopy(body)
+            body.setdefault("metadata", {}).pop("resourceVersion", None)
+            return httpx.Response(201, json=self._commit(key, "ADDED", body))
         version = (body.get("metadata") or {}).get("resourceVersion")
         if version and version != current["metadata"]["resourceVersion"]:
             return _status(
@@ -382,6 +390,11 @@ class ModelTransport(httpx.AsyncBaseTransport):
             return server.get(key, name, resource)
         if request.method == "PUT":
             return server.replace(key, name, resource, body)
+        if request.method == "DELETE":
+            if not server.delete(key):
+                return _not_found(resource, name)
+            success = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+            return httpx.Response(200, json=success | {"details": {"name": name, "kind": resource}})
         if request.method == "PATCH":
             content_type = request.headers.get("content-type", "")
             if content_type.startswith("application/json-patch+json"):
