@@ -19,15 +19,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-import httpx
-
 from .assets import tail
-from .controlplane import Spawner, free_ports, terminate
+from .controlplane import Spawner, answers_ready, free_ports, terminate
 
 __all__ = ["PrometheusUnavailable", "prometheus_binary", "promtool_binary", "running_prometheus"]
 
@@ -112,15 +109,9 @@ def running_prometheus(
 
 def _wait_ready(child: subprocess.Popen[bytes], url: str, log: Path) -> bool:
     """True once `/-/ready` answers 200; False when the child exited first."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    with httpx.Client(trust_env=False, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                return False
-            with contextlib.suppress(httpx.TransportError):
-                if client.get(f"{url}/-/ready").status_code == 200:
-                    return True
-            time.sleep(0.05)
-    raise PrometheusUnavailable(
-        f"Prometheus at {url} was not ready within {STARTUP_TIMEOUT:g} s:\n{tail(log)}"
-    )
+    try:
+        return answers_ready(child, f"{url}/-/ready", STARTUP_TIMEOUT)
+    except TimeoutError:
+        raise PrometheusUnavailable(
+            f"Prometheus at {url} was not ready within {STARTUP_TIMEOUT:g} s:\n{tail(log)}"
+        ) from None
