@@ -92,6 +92,7 @@ OPTIONS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("--timeout", True, ()),
     ("--once", True, ()),
     ("--status", False, ()),
+    ("--watch", False, ("-w",)),
     ("--output", True, ("-o",)),
     ("--help", False, ("-h",)),
     ("--version", False, ()),
@@ -101,7 +102,7 @@ _TAKES_VALUE = {long for long, takes_value, _ in OPTIONS if takes_value}
 #: What cyclopts prints: left to kubelock.usage.
 _PRINTED = frozenset({"--help", "--version"})
 #: The options that take no value (as Options' field names).
-_FLAGS = ("verbose", "status")
+_FLAGS = ("verbose", "status", "watch")
 
 
 def env_var(name: str) -> str:
@@ -130,6 +131,7 @@ class Options:
     timeout: str | None
     once: str | None
     status: bool
+    watch: bool
     output: str
 
 
@@ -152,6 +154,7 @@ DEFAULT_OPTIONS = Options(
     timeout=None,
     once=None,
     status=False,
+    watch=False,
     output="text",
 )
 
@@ -297,6 +300,8 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     output = checked("--output", validate_output, given.output)
     if output != "text" and not given.status:
         raise UsageError("--output only applies to --status; see kubelock --help")
+    if given.watch and not given.status:
+        raise UsageError("--watch only applies to --status; see kubelock --help")
     metrics = given.metrics_address or None
     pushgateway = given.pushgateway or None
     timeout = given.timeout or None
@@ -329,6 +334,7 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
             else checked("--once", lambda key: validate_once_key(key, spell=flag), given.once)
         ),
         status=output if given.status else None,
+        watch=given.watch,
     )
 
 
@@ -349,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 #: ``kubectl lock status NAME``'s options → kubelock's (the rest are spelled alike).
 _KUBECTL_SPELLINGS = {"-n": "--namespace"}
 _KUBECTL_USAGE = (
-    "usage: kubectl lock status NAME [-n NAMESPACE] [-o text|json] [--lock-type TYPE] "
+    "usage: kubectl lock status NAME [-n NAMESPACE] [-o text|json] [-w] [--lock-type TYPE] "
     "[--kubeconfig PATH] [--context NAME]"
 )
 

@@ -171,6 +171,16 @@ def _options(
             "needs only 'get'",
         ),
     ] = False,
+    watch: Annotated[
+        bool,
+        _option(
+            "watch",
+            None,
+            "with --status: show the lock again at every change (one line per change "
+            "when not on a terminal) until Ctrl-C; needs 'watch' too",
+            alias="-w",
+        ),
+    ] = False,
     output: Annotated[
         str,
         _option("output", "text|json", "how --status prints the lock", alias="-o"),
