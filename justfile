@@ -88,3 +88,13 @@ test-tools:
             exit 1
         fi
     fi
+    # Prometheus and promtool for deploy/monitoring's tests: Debian's build too.
+    if { ! command -v prometheus >/dev/null && [ -z "${PROMETHEUS_BINARY:-}" ]; } \
+        || { ! command -v promtool >/dev/null && [ -z "${PROMTOOL_BINARY:-}" ]; }; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+        else
+            echo "install prometheus (server and promtool), or set PROMETHEUS_BINARY and PROMTOOL_BINARY" >&2
+            exit 1
+        fi
+    fi

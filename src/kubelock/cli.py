@@ -208,6 +208,8 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
     output = checked("--output", validate_output, given.output)
     if output != "text" and not given.status:
         raise UsageError("--output only applies to --status; see kubelock --help")
+    if given.watch and not given.status:
+        raise UsageError("--watch only applies to --status; see kubelock --help")
     metrics = given.metrics_address or None
     pushgateway = given.pushgateway or None
     timeout = given.timeout or None
@@ -240,6 +242,7 @@ def parse_args(argv: Sequence[str]) -> Settings | None:
             else checked("--once", lambda key: validate_once_key(key, spell=flag), given.once)
         ),
         status=output if given.status else None,
+        watch=given.watch,
     )
 
 
@@ -260,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 #: ``kubectl lock status NAME``'s options → kubelock's (the rest are spelled alike).
 _KUBECTL_SPELLINGS = {"-n": "--namespace"}
 _KUBECTL_USAGE = (
-    "usage: kubectl lock status NAME [-n NAMESPACE] [-o text|json] [--lock-type TYPE] "
+    "usage: kubectl lock status NAME [-n NAMESPACE] [-o text|json] [-w] [--lock-type TYPE] "
     "[--kubeconfig PATH] [--context NAME]"
 )
 

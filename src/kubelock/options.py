@@ -157,6 +157,14 @@ OPTIONS: tuple[Option, ...] = (
         "needs only 'get'",
         False,
     ),
+    Option(
+        "watch",
+        None,
+        "with --status: show the lock again at every change (one line per change "
+        "when not on a terminal) until Ctrl-C; needs 'watch' too",
+        False,
+        alias="-w",
+    ),
     Option("output", "text|json", "how --status prints the lock", "text", alias="-o"),
 )
 
@@ -182,6 +190,7 @@ class Options:
     timeout: str | None
     once: str | None
     status: bool
+    watch: bool
     output: str
 
 

@@ -325,6 +325,7 @@ class Settings:
     timeout: float | None = None  # None: wait as long as it takes; 0: try once
     once: str | None = None  # run the command at most once per KEY across contenders
     status: OutputFormat | None = None  # show the lock in this format; run no command
+    watch: bool = False  # with status: show it again at every change, until interrupted
 
     def __post_init__(self) -> None:
         validate_name(self.name)

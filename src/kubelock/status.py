@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -28,8 +29,16 @@ from .text import printable
 
 
 def run(settings: Settings, out: TextIO | None = None) -> int:
-    """Read the lock of ``settings`` once and print it (on stdout); return the exit status."""
-    return trio.run(_show, settings, out or sys.stdout)
+    """Read the lock of ``settings`` once and print it (on stdout); return the exit status.
+
+    With ``settings.watch``, print it again at every change until Ctrl-C, which exits 0.
+    """
+    if not settings.watch:
+        return trio.run(_show, settings, out or sys.stdout)
+    try:
+        return trio.run(_watch, settings, out or sys.stdout)
+    except KeyboardInterrupt:
+        return 0
 
 
 async def _show(settings: Settings, out: TextIO) -> int:
@@ -43,6 +52,54 @@ async def _show(settings: Settings, out: TextIO) -> int:
     format: OutputFormat = settings.status or "text"
     out.write(json.dumps(view, indent=2) + "\n" if format == "json" else as_text(view))
     return 0
+
+
+async def _watch(settings: Settings, out: TextIO) -> int:
+    """Show the lock, then again at every change the API server's watch reports.
+
+    On a terminal the view is redrawn in place; otherwise each change is one
+    line (``-o json``: one JSON object per line). A watch the server closes is
+    reopened from the last version seen; one too old for it (410) after a re-read.
+    """
+    from .errors import Gone
+    from .kube.auth import load_cluster
+    from .locks import open_lock
+
+    config, namespace = load_cluster(settings.kubeconfig, settings.context, settings.namespace)
+    format: OutputFormat = settings.status or "text"
+    terminal = out.isatty()
+    shown: str | None = None
+
+    def show(observed: Observed | None) -> None:
+        nonlocal shown
+        view = describe(store.kind, namespace, settings.name, observed, utc_now())
+        if terminal:
+            text = json.dumps(view, indent=2) + "\n" if format == "json" else as_text(view)
+            text = _CLEAR_SCREEN + text
+        else:
+            text = (json.dumps(view) if format == "json" else as_line(view)) + "\n"
+        version = observed.resource_version if observed is not None else None
+        if version is None or version != shown:
+            out.write(text)
+            out.flush()
+        shown = version
+
+    async with open_lock(config, settings.lock_type, settings.name, namespace) as store:
+        observed = await store.get()
+        show(observed)
+        while True:
+            try:
+                version = observed.resource_version if observed is not None else ""
+                async with aclosing(store.watch(version)) as changes:
+                    async for observed in changes:
+                        show(observed)
+            except Gone:
+                observed = await store.get()
+                show(observed)
+
+
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
+"""Cursor home, erase the screen: the terminal's view is redrawn from the top."""
 
 
 def describe(
@@ -147,6 +204,24 @@ def as_text(view: dict[str, Any]) -> str:
 def _lines(lines: list[str]) -> str:
     """The lines as printed: what the lock object says may hold terminal escapes."""
     return "".join(printable(line) + "\n" for line in lines)
+
+
+def as_line(view: dict[str, Any]) -> str:
+    """The lock in one line (``--watch`` when stdout is not a terminal), no newline."""
+    where = f"{view['kind']} {view['namespace']}/{view['name']}"
+    if not view["exists"]:
+        return printable(f"{where}: nobody holds it (the object does not exist)")
+    if view["holder"] is None:
+        state = "nobody holds it (released)"
+    else:
+        expired = " (lease expired by this machine's clock)" if view["expired"] else ""
+        state = f"held by {view['holder']}{expired} since {view['acquireTime'] or '-'}"
+    # The holder's name comes from the lock object: it may hold terminal escapes.
+    return printable(
+        f"{where}: {state}, renewed {view['renewTime'] or '-'}, "
+        f"lease {view['leaseDurationSeconds']}s, transitions {view['transitions']}, "
+        f"{len(view['waiters'])} waiting, {len(view['done'])} done KEYs"
+    )
 
 
 def _time(moment: datetime | None) -> str | None:

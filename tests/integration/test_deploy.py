@@ -65,12 +65,17 @@ WATCH_REFUSED = re.compile(r"\bwatch\b.*\b403\b")
 QUEUE_JOINED = re.compile(r"\bpatch\b.*\b200\b")
 
 
+MONITORING = REPO / "deploy" / "monitoring"
+
+
 def kustomization_dirs() -> list[Path]:
-    """Every folder with a kustomization.yaml in deploy/ and examples/."""
+    """Every folder with a kustomization.yaml in deploy/ and examples/, but deploy/monitoring:
+    its objects need the Prometheus Operator's CRDs (tests/integration/test_monitoring.py)."""
     found = sorted(
         path.parent
         for root in (REPO / "deploy", REPO / "examples")
         for path in root.rglob("kustomization.yaml")
+        if path.parent != MONITORING
     )
     return found
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pty
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -515,3 +518,102 @@ def test_kubectl_lock_status_runs_as_a_kubectl_plugin(
     assert result.returncode == 0, result.stderr
     view = json.loads(result.stdout)
     assert (view["namespace"], view["name"], view["holder"]) == (namespace, "app", "somebody")
+
+
+def test_status_watch_prints_a_line_per_change_and_ctrl_c_ends_it_with_0(
+    kubeconfig: Path, namespace: str, tmp_path: Path
+) -> None:
+    shown, errors, go = tmp_path / "watch.out", tmp_path / "watch.err", tmp_path / "go"
+    with shown.open("w") as stdout, errors.open("w") as stderr:
+        watcher = spawn(
+            [*options(kubeconfig, namespace, "app"), "--status", "--watch"],
+            stdout=stdout,
+            stderr=stderr,
+        )
+    where = f"leases {namespace}/app: "
+    holder: subprocess.Popen[str] | None = None
+    try:
+        wait_for(
+            lambda: f"{where}nobody holds it (the object does not exist)\n" in shown.read_text(),
+            what="the watcher to show the lock missing",
+        )
+        holder = spawn(
+            [
+                *options(kubeconfig, namespace, "app", "--id", "holder-pod", *QUICK),
+                "--",
+                sys.executable,
+                "-c",
+                f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)",
+            ]
+        )
+        wait_for(
+            lambda: f"{where}held by holder-pod since " in shown.read_text(),
+            what="the watcher to show the holder",
+        )
+        go.touch()
+        assert holder.wait(timeout=60) == 0
+        wait_for(
+            lambda: f"{where}nobody holds it (released), " in shown.read_text(),
+            what="the watcher to show the release",
+        )
+        assert watcher.poll() is None, errors.read_text()
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(timeout=30) == 0, errors.read_text()
+    finally:
+        go.touch()
+        for process in (watcher, holder):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    lines = shown.read_text().splitlines()
+    assert all(line.startswith(where) for line in lines), lines
+    # One line per change: the holder's renewals each show, nothing shows twice in a row.
+    assert all(a != b for a, b in itertools.pairwise(lines)), lines
+    assert "Traceback" not in errors.read_text()
+
+
+def test_status_watch_on_a_terminal_redraws_the_whole_view(
+    kubeconfig: Path, namespace: str, tmp_path: Path
+) -> None:
+    controller, terminal = pty.openpty()
+    errors = tmp_path / "watch.err"
+    with errors.open("w") as stderr:
+        watcher = spawn(
+            [*options(kubeconfig, namespace, "app"), "--status", "-w"],
+            stdout=terminal,
+            stderr=stderr,
+        )
+    os.close(terminal)
+    seen = b""
+
+    def shown(text: str) -> bool:
+        nonlocal seen
+        while select.select([controller], [], [], 0)[0]:
+            try:
+                seen += os.read(controller, 65536)
+            except OSError:  # the watcher closed the terminal
+                break
+        return text.encode() in seen
+
+    try:
+        wait_for(
+            lambda: shown(
+                f"\x1b[H\x1b[2Jlock:         leases {namespace}/app\r\n"
+                "holder:       nobody (the object does not exist yet)\r\n"
+            ),
+            what="the watcher to draw the missing lock",
+        )
+        run([*options(kubeconfig, namespace, "app", "--id", "quick-pod", *QUICK), "--", "true"])
+        wait_for(
+            lambda: shown("holder:       nobody (released)\r\n"),
+            what="the watcher to redraw the released lock",
+        )
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(timeout=30) == 0, errors.read_text()
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+        os.close(controller)
+    assert seen.count(b"\x1b[H\x1b[2J") >= 2
+    assert "Traceback" not in errors.read_text()

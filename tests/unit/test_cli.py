@@ -127,6 +127,9 @@ def test_timeout_once_and_status() -> None:
     assert parsed("--status").status == "text"
     assert parsed("--status", "-o", "json").status == "json"
     assert parsed("--status", "--output=json", "--name", "db").name == "db"
+    assert not parsed("--status").watch
+    assert parsed("--status", "--watch").watch
+    assert parsed("--status", "-w", "-o", "json").watch
 
 
 def test_options_end_at_the_first_word_that_is_not_one() -> None:
@@ -262,6 +265,7 @@ def test_a_bad_value_from_the_environment_names_the_variable(
         (["--once", "v" * 129, "true"], "use 1 to 128 printable characters"),
         (["--status", "true"], "--status takes no command (got 'true')"),
         (["-o", "json", "true"], "--output only applies to --status"),
+        (["--watch", "true"], "--watch only applies to --status"),
         (["--status", "-o", "yaml"], "invalid output format 'yaml': use one of text, json"),
     ],
 )
@@ -527,6 +531,15 @@ def test_kubectl_lock_status_is_kubelock_status() -> None:
     assert settings is not None
     assert (settings.name, settings.namespace, settings.status) == ("migrations", "shop", "json")
     assert settings.context == "prod"
+
+
+def test_kubectl_lock_status_watch_is_kubelock_status_watch() -> None:
+    for watch in ("--watch", "-w"):
+        argv = kubectl_argv(["status", "migrations", watch])
+        assert argv == ["--status", "--name", "migrations", "--watch"]
+        settings = parse_args(argv)
+        assert settings is not None
+        assert settings.watch
 
 
 @pytest.mark.parametrize(

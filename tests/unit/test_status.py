@@ -8,7 +8,7 @@ from kubelock.locks.base import Observed
 from kubelock.locks.once import DoneKey, done_annotation
 from kubelock.locks.queue import entry
 from kubelock.locks.record import LeaderElectionRecord
-from kubelock.status import as_text, describe
+from kubelock.status import as_line, as_text, describe
 
 NOW = datetime(2026, 11, 30, 2, 0, 0, tzinfo=UTC)
 
@@ -99,3 +99,29 @@ def test_the_waiters_in_the_queue_first_in_line_first() -> None:
     assert "waiters:      none in the queue" in as_text(
         describe("leases", "s", "m", observed("", 3), NOW)
     )
+
+
+# --- --watch: one line per change when stdout is not a terminal -----------------------
+
+
+def test_a_watched_lock_changes_one_line_at_a_time() -> None:
+    missing = describe("leases", "shop", "migrations", None, NOW)
+    assert as_line(missing) == "leases shop/migrations: nobody holds it (the object does not exist)"
+    held = describe("leases", "shop", "migrations", observed("pod-a", 1.5), NOW)
+    assert as_line(held) == (
+        "leases shop/migrations: held by pod-a since 2026-11-30T01:59:00.000000Z, "
+        "renewed 2026-11-30T01:59:58.500000Z, lease 15s, transitions 4, 0 waiting, 0 done KEYs"
+    )
+    expired = describe("leases", "shop", "migrations", observed("pod-a", 20), NOW)
+    assert "held by pod-a (lease expired by this machine's clock) since" in as_line(expired)
+    released = describe("leases", "shop", "migrations", observed("", 3), NOW)
+    assert as_line(released).startswith("leases shop/migrations: nobody holds it (released), ")
+    assert "\n" not in as_line(held)
+
+
+def test_a_watched_line_shows_a_hostile_holder_escaped() -> None:
+    hostile = describe("leases", "shop", "migrations", observed("\x1b]0;x\x07\x1b[2J", 1.5), NOW)
+    line = as_line(hostile)
+    assert "\x1b" not in line
+    assert "\x07" not in line
+    assert "held by \\x1b]0;x\\x07\\x1b[2J since" in line

@@ -759,6 +759,23 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def answers_ready(child: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
+    """True once GET `url` answers 200; False when `child` exited first.
+
+    Raises `TimeoutError` when neither happened within `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                return False
+            with contextlib.suppress(httpx.TransportError):
+                if client.get(url).status_code == 200:
+                    return True
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:g} s")
+
+
 def _status_message(answer: httpx.Response) -> str:
     try:
         body = answer.json()

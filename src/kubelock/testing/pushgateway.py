@@ -30,16 +30,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, TextIO
 
-import httpx
-
 from ._logs import tail
 from .assets import AssetsUnavailable, build_go_command, cache_root, exclusive
-from .controlplane import Spawner, free_ports, terminate
+from .controlplane import Spawner, answers_ready, free_ports, terminate
 from .versions import PUSHGATEWAY_VERSION
 
 __all__ = [
@@ -165,18 +162,12 @@ def running_pushgateway(
 
 def _wait_ready(child: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> bool:
     """True once `/-/ready` answers 200; False when the child exited first."""
-    deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                return False
-            with contextlib.suppress(httpx.TransportError):
-                if client.get(f"{url}/-/ready").status_code == 200:
-                    return True
-            time.sleep(0.05)
-    raise PushgatewayUnavailable(
-        f"the Pushgateway at {url} was not ready within {timeout:g} s:\n{tail(log)}"
-    )
+    try:
+        return answers_ready(child, f"{url}/-/ready", timeout)
+    except TimeoutError:
+        raise PushgatewayUnavailable(
+            f"the Pushgateway at {url} was not ready within {timeout:g} s:\n{tail(log)}"
+        ) from None
 
 
 def main() -> int:
