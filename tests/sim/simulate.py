@@ -36,11 +36,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
+import multiprocessing
 import random
+import resource
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import trio
@@ -89,12 +92,18 @@ class Violation:
 
 @dataclasses.dataclass
 class Outcome:
+    """What one seed did: picklable, so seeds can run in worker processes."""
+
     seed: int
+    kind: str
+    timing_name: str
+    contenders: int
     handoffs: int
     faults: collections.Counter[str]
     violations: list[Violation]
     simulated: float
     skipped_writes: int
+    trace: list[str]
 
 
 class World:
@@ -329,37 +338,44 @@ async def simulate(world: World) -> None:
         nursery.cancel_scope.cancel()
 
 
-def run_seed(
-    seed: int,
-    *,
-    handoffs: int,
-    trace_all: bool = False,
-    without: frozenset[str] = frozenset(),
-    kind: str | None = None,
-    timings: str | None = None,
-) -> tuple[Outcome, World]:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How each seed runs (the command line, less the seeds)."""
+
+    per_seed: int = 200
+    trace_all: bool = False
+    without: frozenset[str] = frozenset()
+    kind: str | None = None
+    timings: str | None = None
+
+
+def run_seed(seed: int, options: Options) -> Outcome:
     """One seed, replayed exactly: the same seed gives the same trace."""
+    deterministic_scheduling()
     random.seed(seed)  # the HTTP client's backoff draws from the module's generator
     trio_run._r.seed(seed)
     world = World(
         seed,
-        handoffs=handoffs,
-        trace_all=trace_all,
-        without=without,
-        kind=kind,
-        timings=timings,
+        handoffs=options.per_seed,
+        trace_all=options.trace_all,
+        without=options.without,
+        kind=options.kind,
+        timings=options.timings,
     )
     clock = trio.testing.MockClock(autojump_threshold=0)
     trio.run(simulate, world, clock=clock)
-    outcome = Outcome(
+    return Outcome(
         seed,
+        world.kind,
+        world.timing_name,
+        world.contenders,
         world.handoffs,
         world.faults,
         world.violations,
         trio_now(clock),
         world.server.skipped,
+        list(world.trace) if options.trace_all else [],
     )
-    return outcome, world
 
 
 def trio_now(clock: trio.testing.MockClock) -> float:
@@ -377,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-seed", type=int, default=200, help="hand-offs per seed")
     parser.add_argument("--seed", type=int, help="run this one seed only")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes")
     parser.add_argument("--trace", action="store_true", help="print the seed's whole trace")
     parser.add_argument("--kind", choices=KINDS, help="every seed on this lock kind")
     parser.add_argument("--timings", choices=tuple(TIMINGS), help="every seed with these")
@@ -389,56 +406,77 @@ def main(argv: list[str] | None = None) -> int:
         help=f"leave out this fault (repeat for more): {', '.join(FAULTS)}",
     )
     arguments = parser.parse_args(argv)
-    deterministic_scheduling()
-    started = time.process_time()
+    options = Options(
+        per_seed=arguments.per_seed,
+        trace_all=arguments.trace,
+        without=frozenset(arguments.without),
+        kind=arguments.kind,
+        timings=arguments.timings,
+    )
+    replay = (
+        f"--per-seed {arguments.per_seed}"
+        + "".join(f" --without '{fault}'" for fault in arguments.without)
+        + (f" --kind {arguments.kind}" if arguments.kind else "")
+        + (f" --timings {arguments.timings}" if arguments.timings else "")
+    )
+    started = time.monotonic()
+    cpu_started = time.process_time()
     total = 0
     seeds = 0
     faults: collections.Counter[str] = collections.Counter()
     violations: list[Violation] = []
     skipped = 0
-    seed = arguments.seed if arguments.seed is not None else arguments.first_seed
-    while True:
-        outcome, world = run_seed(
-            seed,
-            handoffs=arguments.per_seed,
-            trace_all=arguments.trace,
-            without=frozenset(arguments.without),
-            kind=arguments.kind,
-            timings=arguments.timings,
-        )
+    if arguments.seed is not None:
+        outcomes: Iterator[Outcome] = iter([run_seed(arguments.seed, options)])
+        pool = None
+    else:
+        # Seeds in order; enough of them for the hand-offs asked (a seed makes per-seed).
+        needed = -(-arguments.handoffs // arguments.per_seed)
+        seed_list = range(arguments.first_seed, arguments.first_seed + needed)
+        if arguments.jobs > 1:
+            context = multiprocessing.get_context("fork")
+            pool = context.Pool(arguments.jobs)
+            outcomes = pool.imap(functools.partial(run_seed, options=options), seed_list)
+        else:
+            pool = None
+            outcomes = (run_seed(seed, options) for seed in seed_list)
+    for outcome in outcomes:
         seeds += 1
         total += outcome.handoffs
         faults += outcome.faults
         skipped += outcome.skipped_writes
         if arguments.trace:
-            print("\n".join(world.trace))
+            print("\n".join(outcome.trace))
         for violation in outcome.violations:
             violations.append(violation)
             print(
-                f"simulate: VIOLATION seed {violation.seed} ({world.kind}, "
-                f"{world.timing_name} timings, {world.contenders} contenders) at "
+                f"simulate: VIOLATION seed {violation.seed} ({outcome.kind}, "
+                f"{outcome.timing_name} timings, {outcome.contenders} contenders) at "
                 f"{violation.at:.4f}: {violation.what}\n"
-                f"  replay: python -m tests.sim.simulate --seed {violation.seed} "
-                f"--per-seed {arguments.per_seed}"
-                + "".join(f" --without '{fault}'" for fault in arguments.without)
-                + (f" --kind {arguments.kind}" if arguments.kind else "")
-                + (f" --timings {arguments.timings}" if arguments.timings else "")
-                + " --trace\n  the trace up to it:\n    "
-                + "\n    ".join(violation.trace[-40:]),
+                f"  replay: python -m tests.sim.simulate --seed {violation.seed} {replay} "
+                "--trace\n  the trace up to it:\n    " + "\n    ".join(violation.trace[-40:]),
                 flush=True,
             )
-        if arguments.seed is not None or total >= arguments.handoffs:
-            break
-        seed += 1
-    cpu = time.process_time() - started
+    if pool is not None:
+        pool.close()
+        pool.join()
+    cpu = time.process_time() - cpu_started
+    if pool is not None:
+        cpu += sum(usage for usage in _children_cpu())
+    elapsed = time.monotonic() - started
     print(
         f"simulate: {total} hand-offs over {seeds} seeds, {sum(faults.values())} faults "
         f"({', '.join(f'{name} {count}' for name, count in sorted(faults.items()))}), "
-        f"{skipped} writes the server skipped as no-ops, "
-        f"{len(violations)} violations, {cpu:.0f} s of CPU ({total / max(cpu, 1e-9):.0f} "
-        "hand-offs per second)"
+        f"{skipped} writes the server skipped as no-ops, {len(violations)} violations, "
+        f"{elapsed:.0f} s ({cpu:.0f} s of CPU, {total / max(cpu, 1e-9):.0f} hand-offs per "
+        "CPU second)"
     )
     return 1 if violations else 0
+
+
+def _children_cpu() -> list[float]:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return [usage.ru_utime, usage.ru_stime]
 
 
 if __name__ == "__main__":
