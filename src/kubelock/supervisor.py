@@ -64,10 +64,12 @@ def run(settings: Settings, watchdog: Watchdog) -> int:
     The caller forks the watchdog (:meth:`Watchdog.start`) and closes it: the
     fork must happen while kubelock has one thread and no event loop.
     """
+    from .clock import BootClock
     from .kube.api import import_httpcore_lean
 
     import_httpcore_lean()  # before trio starts threads
-    return trio.run(partial(supervise, settings, watchdog, exiting=True))
+    # Deadlines on CLOCK_BOOTTIME: a machine's sleep counts as time passed.
+    return trio.run(partial(supervise, settings, watchdog, exiting=True), clock=BootClock())
 
 
 async def supervise(

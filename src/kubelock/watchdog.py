@@ -8,7 +8,8 @@ no thread and no event loop with kubelock, and it does one thing: it reads
 short messages from a pipe and waits on it with ``poll(2)``.
 
 * ``guard PGID``: the command's process group, sent right after the spawn.
-* ``deadline T``: the lease's safety deadline on ``CLOCK_MONOTONIC``, sent
+* ``deadline T``: the lease's safety deadline on ``CLOCK_BOOTTIME`` (see
+  :mod:`kubelock.clock`: it goes on counting while the machine sleeps), sent
   after the acquisition and after every successful renewal.
 * ``unguard``: the command has exited; sent before kubelock reaps it (the
   unreaped leader keeps its group id from being reused until then).
@@ -20,7 +21,10 @@ can, lives in its own process group (a signal to kubelock's group does not
 reach it), holds no other file open but stderr (where it logs what it did, in
 kubelock's log format), and exits when the pipe closes. Writes to it never
 block kubelock: the pipe is non-blocking, and a watchdog that is gone is
-reported once.
+reported once. ``poll(2)``'s timeout counts monotonic time, which stops
+while the machine sleeps, so the watchdog never sleeps longer than
+:data:`MAX_SLEEP` at a time while it guards a deadline: after a resume it
+kills an overdue group within that long.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ logger = logging.getLogger("kubelock")
 #: One message: a kind byte and a 64-bit argument (a PGID, or a deadline in ns).
 _MESSAGE = struct.Struct("<cq")
 _GUARD, _DEADLINE, _UNGUARD = b"G", b"D", b"U"
+#: kubelock.clock.BOOTTIME, spelled out here: importing that module would import trio.
+_CLOCK: int = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+#: The longest poll(2) while a deadline is guarded, in seconds.
+MAX_SLEEP = 0.25
 #: Signals the watchdog ignores; SIGKILL and SIGSTOP cannot be.
 _IGNORED = (
     signal.SIGINT,
@@ -96,8 +104,8 @@ class Watchdog:
             return  # nothing held yet
         import trio  # running by now; not imported at start() to keep the fork small
 
-        monotonic = time.monotonic_ns() + round((deadline - trio.current_time()) * 1e9)
-        self._send(_DEADLINE, monotonic)
+        at = time.clock_gettime_ns(_CLOCK) + round((deadline - trio.current_time()) * 1e9)
+        self._send(_DEADLINE, at)
 
     def unguard(self) -> None:
         """The group's leader has exited: leave its group alone from now on."""
@@ -156,7 +164,9 @@ def _serve(fd: int) -> None:  # pragma: no cover - runs in the forked watchdog
     while True:
         timeout: float | None = None
         if group is not None and deadline is not None:
-            timeout = max(0.0, (deadline - time.monotonic_ns()) / 1e6)
+            timeout = min(
+                max(0.0, (deadline - time.clock_gettime_ns(_CLOCK)) / 1e6), MAX_SLEEP * 1e3
+            )
         if poller.poll(None if timeout is None else timeout + 1):
             data = os.read(fd, 4096)
             if not data:
@@ -173,7 +183,7 @@ def _serve(fd: int) -> None:  # pragma: no cover - runs in the forked watchdog
                     deadline = argument
                 elif kind == _UNGUARD:
                     group = None
-        if group is not None and deadline is not None and time.monotonic_ns() >= deadline:
+        if group is not None and deadline is not None and time.clock_gettime_ns(_CLOCK) >= deadline:
             _kill(group, "kubelock did not stop the command by the lease's safety deadline")
             group = None
 
