@@ -28,8 +28,9 @@ kubelock runs exactly one command (the *child*) per run:
 - When the child is reaped, a :class:`~kubelock.events.ChildExited` goes to
   the observer (logging and metrics hang off it).
 - Given a :class:`~kubelock.watchdog.Watchdog`, the group is guarded from
-  its spawn until just before its reap, so it dies even when kubelock is
-  killed or frozen past the safety deadline.
+  before the command's exec (the forked child tells the watchdog itself)
+  until just before its reap, so it dies even when kubelock is killed or
+  frozen past the safety deadline, also in the instant after the spawn.
 
 The group is only signalled while the child is unreaped (running, or a zombie
 that holds the group id), so a recycled PID can never be hit. On Linux this
@@ -83,6 +84,11 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
 )
 #: Signals that ask the child to stop: the second one, or the grace period, brings SIGKILL.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+#: A test hook, for tests only: set in kubelock's environment, it makes kubelock stop
+#: itself (SIGSTOP) right after the spawn, before anything else, so a test can kill it
+#: in the instant between the spawn and the watchdog hearing of the new group.
+STOP_AFTER_SPAWN = "_KUBELOCK_TEST_STOP_AFTER_SPAWN"
 
 #: A source of the lease's safety deadline (a ``trio.current_time()`` value), read when needed.
 HardDeadline = Callable[[], float | None]
@@ -246,11 +252,17 @@ class Child:
                 env=None if env is None else dict(env),
                 start_new_session=False,
                 process_group=0,
+                # The new group is guarded from before the exec (its pid is the group id).
+                preexec_fn=None if watchdog is None else watchdog.guard_in_child(),
             )
         except OSError as error:
+            if watchdog is not None:
+                watchdog.unguard()  # the child guarded its group, then its exec failed
             raise CannotRun(argv[0], error) from None
         else:
             registry.children.add(process.pid)
+            if STOP_AFTER_SPAWN in os.environ:  # a test hook: see STOP_AFTER_SPAWN
+                os.kill(os.getpid(), signal.SIGSTOP)
             if watchdog is not None:
                 watchdog.guard(process.pid)
         finally:

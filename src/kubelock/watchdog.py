@@ -7,7 +7,10 @@ watchdog covers both. It is forked by the CLI before trio starts, so it shares
 no thread and no event loop with kubelock, and it does one thing: it reads
 short messages from a pipe and waits on it with ``poll(2)``.
 
-* ``guard PGID``: the command's process group, sent right after the spawn.
+* ``guard PGID``: the command's process group, sent by the command itself
+  between its fork and its exec (:meth:`Watchdog.guard_in_child`), so no
+  instant passes in which the group exists and the watchdog does not know
+  it; kubelock sends it again once the spawn returns.
 * ``deadline T``: the lease's safety deadline on ``CLOCK_BOOTTIME`` (see
   :mod:`kubelock.clock`: it goes on counting while the machine sleeps), sent
   after the acquisition and after every successful renewal.
@@ -38,6 +41,7 @@ import select
 import signal
 import struct
 import time
+from collections.abc import Callable
 
 __all__ = ["Watchdog"]
 
@@ -97,6 +101,24 @@ class Watchdog:
     def guard(self, pgid: int) -> None:
         """Kill process group ``pgid`` if kubelock dies or misses the deadline from now on."""
         self._send(_GUARD, pgid)
+
+    def guard_in_child(self) -> Callable[[], None] | None:
+        """A ``preexec_fn``: the new process guards its own group, before its exec.
+
+        It runs in the forked child, where only this write happens (nothing
+        that could wait on a lock another thread held at the fork). Should the
+        write fail, :meth:`guard` after the spawn still covers the group. When
+        the exec then fails, call :meth:`unguard`: the group is gone.
+        """
+        fd = self._fd
+        if fd is None or self._broken:
+            return None  # nobody to tell
+
+        def guard_me() -> None:  # pragma: no cover - runs between fork and exec
+            with contextlib.suppress(OSError):
+                os.write(fd, _MESSAGE.pack(_GUARD, os.getpid()))
+
+        return guard_me
 
     def set_deadline(self, deadline: float) -> None:
         """The group must be dead by ``deadline``, a ``trio.current_time()`` value."""
