@@ -198,7 +198,15 @@ def hold(
             acquired.set()
 
     previous = signal.signal(interrupt_signal, on_signal)
-    thread = threading.Thread(target=trio.run, args=(background,), name="kubelock", daemon=True)
+    from .clock import BootClock
+
+    thread = threading.Thread(
+        target=trio.run,
+        args=(background,),
+        kwargs={"clock": BootClock()},  # a machine's sleep counts as time passed
+        name="kubelock",
+        daemon=True,
+    )
     thread.start()
     try:
         acquired.wait()

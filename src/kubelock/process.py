@@ -8,8 +8,13 @@ kubelock runs exactly one command (the *child*) per run:
 - Its exit status is passed through; killed by signal N it becomes 128+N,
   as a shell reports it.
 - :func:`forward_signals` passes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and
-  SIGUSR2 on to the group. A second SIGTERM/SIGINT, or the grace period
-  running out after the first, sends SIGKILL.
+  SIGUSR2 on to the group until the child is reaped, also while it is being
+  terminated. A second SIGTERM/SIGINT, or the grace period running out after
+  the first, sends SIGKILL.
+- Those signals reach kubelock through a :class:`SignalInbox`, which never
+  re-raises a signal: one nobody acted on is logged as ignored, so kubelock
+  never dies of a signal it handles (trio's own receiver re-raises what is
+  left when it closes, which killed kubelock after its command had exited).
 - :meth:`Child.terminate` is the lease-loss path: SIGTERM at once, SIGKILL at
   the grace period's end or at the lease's safety deadline, whichever comes
   first, in a shielded scope, returning only once the child is reaped. Any
@@ -23,8 +28,9 @@ kubelock runs exactly one command (the *child*) per run:
 - When the child is reaped, a :class:`~kubelock.events.ChildExited` goes to
   the observer (logging and metrics hang off it).
 - Given a :class:`~kubelock.watchdog.Watchdog`, the group is guarded from
-  its spawn until just before its reap, so it dies even when kubelock is
-  killed or frozen past the safety deadline.
+  before the command's exec (the forked child tells the watchdog itself)
+  until just before its reap, so it dies even when kubelock is killed or
+  frozen past the safety deadline, also in the instant after the spawn.
 
 The group is only signalled while the child is unreaped (running, or a zombie
 that holds the group id), so a recycled PID can never be hit. On Linux this
@@ -34,14 +40,15 @@ there is none, the group is not signalled once the child has exited.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
 import os
 import signal
+import types
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -58,6 +65,7 @@ __all__ = [
     "CannotRun",
     "Child",
     "HardDeadline",
+    "SignalInbox",
     "exit_status",
     "forward_signals",
     "run_child",
@@ -77,6 +85,11 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
 #: Signals that ask the child to stop: the second one, or the grace period, brings SIGKILL.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
+#: A test hook, for tests only: set in kubelock's environment, it makes kubelock stop
+#: itself (SIGSTOP) right after the spawn, before anything else, so a test can kill it
+#: in the instant between the spawn and the watchdog hearing of the new group.
+STOP_AFTER_SPAWN = "_KUBELOCK_TEST_STOP_AFTER_SPAWN"
+
 #: A source of the lease's safety deadline (a ``trio.current_time()`` value), read when needed.
 HardDeadline = Callable[[], float | None]
 
@@ -95,6 +108,77 @@ class CannotRun(KubelockError):
             reason, code = (error.strerror or str(error)).lower(), EXIT_CANNOT_EXECUTE
         super().__init__(f"cannot run {program!r}: {reason}")
         self.exit_code = code
+
+
+class SignalInbox:
+    """The signals kubelock receives, kept in arrival order until somebody takes them.
+
+    A context manager (enter it inside ``trio.run``, in the main thread) that
+    catches ``signals`` for as long as it is open. Read it with
+    ``await inbox.receive()`` (or ``async for``), one task at a time, or with
+    :meth:`take_nowait`. The handler queues a signal as it runs, so
+    :meth:`take_nowait` sees every signal whose handler has run, which
+    ``trio.open_signal_receiver`` cannot promise.
+
+    Leaving it never re-raises anything: what nobody took is logged as ignored.
+    ``restore=False`` keeps the handlers in place afterwards, dropping the
+    signals that still come, for a process that exits right after (so no
+    signal meets its default action between the run and the exit).
+    """
+
+    def __init__(self, signals: Sequence[int] = FORWARDED_SIGNALS, *, restore: bool = True) -> None:
+        self.signals = tuple(signals)
+        self._restore = restore
+        self._pending: collections.deque[int] = collections.deque()
+        self._arrived = trio.lowlevel.ParkingLot()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._previous: dict[int, Any] = {}
+        self._open = False
+
+    def __enter__(self) -> SignalInbox:
+        self._token = trio.lowlevel.current_trio_token()
+        self._open = True
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._open = False
+        if self._restore:
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
+        while self._pending:
+            logger.info(
+                "ignoring %s: it came when there was no command to pass it to",
+                signal.Signals(self._pending.popleft()).name,
+            )
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        # Runs in the main thread between two bytecodes: queue it, wake the reader, nothing more.
+        if not self._open:
+            return  # after the run (restore=False): the process is about to exit
+        self._pending.append(signum)
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._arrived.unpark_all, idempotent=True)
+
+    def take_nowait(self) -> int | None:
+        """The oldest signal not taken yet, or None. Not a checkpoint."""
+        return self._pending.popleft() if self._pending else None
+
+    async def receive(self) -> int:
+        """Wait for the next signal and take it. A checkpoint; cancelled, it takes nothing."""
+        if self._pending:
+            await trio.lowlevel.checkpoint()
+        while not self._pending:
+            await self._arrived.park()
+        return self._pending.popleft()
+
+    def __aiter__(self) -> SignalInbox:
+        return self
+
+    async def __anext__(self) -> int:
+        return await self.receive()
 
 
 def exit_status(returncode: int) -> int:
@@ -168,11 +252,17 @@ class Child:
                 env=None if env is None else dict(env),
                 start_new_session=False,
                 process_group=0,
+                # The new group is guarded from before the exec (its pid is the group id).
+                preexec_fn=None if watchdog is None else watchdog.guard_in_child(),
             )
         except OSError as error:
+            if watchdog is not None:
+                watchdog.unguard()  # the child guarded its group, then its exec failed
             raise CannotRun(argv[0], error) from None
         else:
             registry.children.add(process.pid)
+            if STOP_AFTER_SPAWN in os.environ:  # a test hook: see STOP_AFTER_SPAWN
+                os.kill(os.getpid(), signal.SIGSTOP)
             if watchdog is not None:
                 watchdog.guard(process.pid)
         finally:
@@ -345,18 +435,18 @@ async def forward_signals(
     """Forward kubelock's signals to the child's group until cancelled.
 
     Listens for :data:`FORWARDED_SIGNALS` itself, or reads ``received`` (an
-    open ``trio.open_signal_receiver`` the caller keeps, so no signal falls
-    into a gap between two receivers). Reports started once the signal
-    handlers are in place (``await nursery.start(forward_signals, child)``).
-    A second SIGTERM/SIGINT, or ``child.grace_period`` running out after the
-    first, sends SIGKILL. On cancellation it stops forwarding; signals then
-    arriving reach whichever receiver is still open.
+    open :class:`SignalInbox` the caller keeps, so no signal falls into a gap
+    between two receivers). Reports started once the signal handlers are in
+    place (``await nursery.start(forward_signals, child)``). A second
+    SIGTERM/SIGINT, or ``child.grace_period`` running out after the first,
+    sends SIGKILL. On cancellation it stops forwarding; signals then arriving
+    stay in ``received`` for whoever reads it next.
     """
     if received is not None:
         task_status.started()
         await _forward(child, received)
         return
-    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as own:
+    with SignalInbox() as own:
         task_status.started()
         await _forward(child, own)
 
@@ -370,8 +460,10 @@ async def _forward(child: Child, received: AsyncIterator[int]) -> None:
                 logger.warning("%s again: sending SIGKILL to the command", name)
                 child.kill()
                 continue
+            if not child.send_signal(signum):
+                logger.info("ignoring %s: the command has exited", name)
+                continue
             logger.info("forwarding %s to the command", name)
-            child.send_signal(signum)
             if signum in STOP_SIGNALS:
                 stopping = True
                 nursery.start_soon(_kill_after_grace, child, name)
@@ -396,24 +488,28 @@ async def run_child(
     observer: Observer | None = None,
     reap: bool | None = None,
     watchdog: Watchdog | None = None,
+    signals: SignalInbox | None = None,
     task_status: trio.TaskStatus[Child] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run ``argv`` to the end: spawn, forward signals, reap orphans as PID 1; return its status.
 
     ``reap`` defaults to :func:`kubelock.reaper.is_init`. Reports the :class:`Child` as
-    started (``child = await nursery.start(run_child, ...)``). The signal
-    handlers are installed before the child is spawned and stay until it is
-    reaped, so no signal meets the default action (killing kubelock) while a
-    child runs. Raises :class:`CannotRun` (127 or 126).
+    started (``child = await nursery.start(run_child, ...)``). Signals are read
+    from ``signals`` (the caller's open inbox, which also keeps what came before
+    the spawn), else from an inbox of its own, open from before the spawn until
+    the child is reaped; so no signal meets the default action (killing kubelock)
+    while a child runs. Every one that arrives until the child is reaped is
+    forwarded to it, also while it is being terminated. Raises :class:`CannotRun`
+    (127 or 126).
 
     A checkpoint. On cancellation (lease loss) the child is terminated, shielded,
     with ``grace_period`` and ``hard_deadline()`` (see :meth:`Child.terminate`), then
-    ``Cancelled`` propagates. Signals arriving meanwhile are held, not acted on:
-    the termination's own deadlines decide.
+    ``Cancelled`` propagates.
     """
     if reap is None:
         reap = is_init() or outer_process_is_init()
-    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as received:
+    with contextlib.ExitStack() as stack:
+        received = signals if signals is not None else stack.enter_context(SignalInbox())
         child = await Child.start(
             argv,
             env,
@@ -423,12 +519,23 @@ async def run_child(
             watchdog=watchdog,
         )
         task_status.started(child)
+        # Shielded, so that it forwards through the child's termination too; cancelled
+        # once the child is reaped, leaving later signals in the inbox.
+        forwarding = trio.CancelScope(shield=True)
+
+        async def forward() -> None:
+            with forwarding:
+                await forward_signals(child, received=received)
+
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(forward_signals, child, received=received))
+                nursery.start_soon(forward)
                 if reap:
                     nursery.start_soon(reap_orphans)
-                status = await child.wait()
+                try:
+                    status = await child.wait()
+                finally:
+                    forwarding.cancel()
                 nursery.cancel_scope.cancel()
         finally:
             if child.status is None:  # cancelled before wait() took charge of it

@@ -7,14 +7,23 @@ The order of a run, and what each step may write:
 2. Wait for the lock. A SIGINT/SIGTERM/SIGHUP/SIGQUIT here stops waiting at
    once (exit 128+N). The record was not written, since a waiter only writes
    it when the lock is free, and then it holds it and releases it again; a
-   waiter in the queue takes its own entry out.
-3. Hold it: the renew loop and the child run side by side. If the lease is
+   waiter in the queue takes its own entry out. One that comes after the
+   lock was taken but before the command was spawned counts the same way:
+   the command is not started (it was interrupted before it began, as if the
+   signal had come a moment earlier), the lock is released, exit 128+N.
+   SIGUSR1/SIGUSR2 until the spawn are logged and ignored.
+3. Hold it: the renew loop and the child run side by side. Every signal from
+   the spawn until the child is reaped is forwarded to it. If the lease is
    lost, the child's cancel scope is cancelled; its cancellation path sends
    SIGTERM to the child's group at once and SIGKILL no later than the safety
    deadline (before any other contender can take over), whatever
    ``--grace-period`` says. kubelock then exits 75.
 4. Release (``holderIdentity`` emptied, so the next waiter starts at once),
-   and exit with the child's status.
+   and exit with the child's status. Signals from the child's exit on (the
+   release, the final push) are logged and ignored: nothing is left to stop.
+
+One :class:`~kubelock.process.SignalInbox` catches the signals for the whole
+run, so none is lost between two steps or re-raised at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -30,7 +39,7 @@ import trio
 from .election import Elector
 from .errors import EXIT_LEASE_LOST, AlreadyDone, KubelockError, LeaseLost, StatusError
 from .events import Acquired, Event, Observer, Renewed
-from .process import FORWARDED_SIGNALS, run_child
+from .process import FORWARDED_SIGNALS, SignalInbox, run_child
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -55,13 +64,18 @@ def run(settings: Settings, watchdog: Watchdog) -> int:
     The caller forks the watchdog (:meth:`Watchdog.start`) and closes it: the
     fork must happen while kubelock has one thread and no event loop.
     """
+    from .clock import BootClock
     from .kube.api import import_httpcore_lean
 
     import_httpcore_lean()  # before trio starts threads
-    return trio.run(supervise, settings, watchdog)
+    # Deadlines on CLOCK_BOOTTIME: a machine's sleep counts as time passed.
+    return trio.run(partial(supervise, settings, watchdog, exiting=True), clock=BootClock())
 
 
-async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int:
+async def supervise(
+    settings: Settings, watchdog: Watchdog | None = None, *, exiting: bool = False
+) -> int:
+    """One run; ``exiting``: the process exits right after, and drops signals until then."""
     from .kube.auth import load_cluster
     from .log import log_event
 
@@ -81,7 +95,7 @@ async def supervise(settings: Settings, watchdog: Watchdog | None = None) -> int
 
     status = 0
     failure: KubelockError | None = None
-    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
+    with SignalInbox(FORWARDED_SIGNALS, restore=not exiting) as signals:
         async with trio.open_nursery() as services:
             try:
                 if metrics is not None:
@@ -123,7 +137,7 @@ async def _wait_and_run(
     config: ClusterConfig,
     namespace: str,
     observe: Observer,
-    signals: AsyncIterator[int],
+    signals: SignalInbox,
     watchdog: Watchdog | None,
 ) -> int:
     from .locks import open_lock
@@ -149,7 +163,7 @@ async def _wait_and_run(
         except AlreadyDone as done:
             logger.info("%s: not running the command", done)
             return 0
-        if stopped_by is not None:
+        if stopped_by is not None and not elector.is_holding:
             logger.info(
                 "%s while waiting: stopped, %s",
                 signal.Signals(stopped_by).name,
@@ -158,12 +172,14 @@ async def _wait_and_run(
                 else "nothing written",
             )
             return 128 + stopped_by
-        return await _hold_and_run(settings, namespace, elector, observe, watchdog)
+        return await _hold_and_run(
+            settings, namespace, elector, observe, signals, watchdog, stopped_by=stopped_by
+        )
 
 
 async def _acquire_unless_stopped(
     elector: Elector,
-    signals: AsyncIterator[int],
+    signals: SignalInbox,
     timeout: float | None,  # noqa: ASYNC109 -- the election's own give-up time
 ) -> int | None:
     """Acquire the lock; return the signal number instead if one stopped the wait."""
@@ -191,13 +207,27 @@ async def _acquire_unless_stopped(
     return stopped_by
 
 
+def _stop_before_spawn(signals: SignalInbox) -> int | None:
+    """A stop signal that came before the spawn, if any; others so far are ignored."""
+    while (signum := signals.take_nowait()) is not None:
+        if signum in STOP_WAITING_SIGNALS:
+            return signum
+        logger.info("ignoring %s: the command has not started", signal.Signals(signum).name)
+    return None
+
+
 async def _hold_and_run(
     settings: Settings,
     namespace: str,
     elector: Elector,
     observe: Observer,
+    signals: SignalInbox,
     watchdog: Watchdog | None,
+    *,
+    stopped_by: int | None,
 ) -> int:
+    """Run the command under the lock, unless a stop signal (``stopped_by``, or one
+    still in ``signals``) came before its spawn: then only release the lock."""
     assert elector.fencing_token is not None
     env = dict(os.environ)
     env.update(
@@ -209,14 +239,24 @@ async def _hold_and_run(
     status = 0
     try:
         async with elector.holding() as held:
-            status = await run_child(
-                settings.command,
-                env,
-                grace_period=settings.grace_period,
-                hard_deadline=lambda: held.safety_deadline,
-                observer=observe,  # ChildExited: logged, and recorded in the metrics
-                watchdog=watchdog,
-            )
+            if stopped_by is None:
+                stopped_by = _stop_before_spawn(signals)
+            if stopped_by is not None:
+                logger.info(
+                    "%s after the lock was taken: not starting the command; releasing the lock",
+                    signal.Signals(stopped_by).name,
+                )
+                status = 128 + stopped_by
+            else:
+                status = await run_child(
+                    settings.command,
+                    env,
+                    grace_period=settings.grace_period,
+                    hard_deadline=lambda: held.safety_deadline,
+                    observer=observe,  # ChildExited: logged, and recorded in the metrics
+                    watchdog=watchdog,
+                    signals=signals,
+                )
             if status == 0:
                 elector.work_succeeded()  # --once: the release records KEY as done
     except StatusError as refused:  # the release was refused: the run did not end cleanly

@@ -44,7 +44,8 @@ Exit status:
   75                     the lock was lost while the command ran; it was stopped
   124                    --timeout ran out while waiting for the lock; nothing written
   126, 127               the command could not be run, or was not found
-  130, 143               interrupted (SIGINT, SIGTERM) while waiting for the lock"""
+  130, 143               interrupted (SIGINT, SIGTERM) while waiting for the lock,
+                         or before the command started (the lock is released)"""
 
 
 def _parameter(option: Option) -> inspect.Parameter:

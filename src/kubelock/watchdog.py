@@ -7,8 +7,12 @@ watchdog covers both. It is forked by the CLI before trio starts, so it shares
 no thread and no event loop with kubelock, and it does one thing: it reads
 short messages from a pipe and waits on it with ``poll(2)``.
 
-* ``guard PGID``: the command's process group, sent right after the spawn.
-* ``deadline T``: the lease's safety deadline on ``CLOCK_MONOTONIC``, sent
+* ``guard PGID``: the command's process group, sent by the command itself
+  between its fork and its exec (:meth:`Watchdog.guard_in_child`), so no
+  instant passes in which the group exists and the watchdog does not know
+  it; kubelock sends it again once the spawn returns.
+* ``deadline T``: the lease's safety deadline on ``CLOCK_BOOTTIME`` (see
+  :mod:`kubelock.clock`: it goes on counting while the machine sleeps), sent
   after the acquisition and after every successful renewal.
 * ``unguard``: the command has exited; sent before kubelock reaps it (the
   unreaped leader keeps its group id from being reused until then).
@@ -20,7 +24,10 @@ can, lives in its own process group (a signal to kubelock's group does not
 reach it), holds no other file open but stderr (where it logs what it did, in
 kubelock's log format), and exits when the pipe closes. Writes to it never
 block kubelock: the pipe is non-blocking, and a watchdog that is gone is
-reported once.
+reported once. ``poll(2)``'s timeout counts monotonic time, which stops
+while the machine sleeps, so the watchdog never sleeps longer than
+:data:`MAX_SLEEP` at a time while it guards a deadline: after a resume it
+kills an overdue group within that long.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import select
 import signal
 import struct
 import time
+from collections.abc import Callable
 
 __all__ = ["Watchdog"]
 
@@ -42,6 +50,10 @@ logger = logging.getLogger("kubelock")
 #: One message: a kind byte and a 64-bit argument (a PGID, or a deadline in ns).
 _MESSAGE = struct.Struct("<cq")
 _GUARD, _DEADLINE, _UNGUARD = b"G", b"D", b"U"
+#: kubelock.clock.BOOTTIME, spelled out here: importing that module would import trio.
+_CLOCK: int = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+#: The longest poll(2) while a deadline is guarded, in seconds.
+MAX_SLEEP = 0.25
 #: Signals the watchdog ignores; SIGKILL and SIGSTOP cannot be.
 _IGNORED = (
     signal.SIGINT,
@@ -90,14 +102,32 @@ class Watchdog:
         """Kill process group ``pgid`` if kubelock dies or misses the deadline from now on."""
         self._send(_GUARD, pgid)
 
+    def guard_in_child(self) -> Callable[[], None] | None:
+        """A ``preexec_fn``: the new process guards its own group, before its exec.
+
+        It runs in the forked child, where only this write happens (nothing
+        that could wait on a lock another thread held at the fork). Should the
+        write fail, :meth:`guard` after the spawn still covers the group. When
+        the exec then fails, call :meth:`unguard`: the group is gone.
+        """
+        fd = self._fd
+        if fd is None or self._broken:
+            return None  # nobody to tell
+
+        def guard_me() -> None:  # pragma: no cover - runs between fork and exec
+            with contextlib.suppress(OSError):
+                os.write(fd, _MESSAGE.pack(_GUARD, os.getpid()))
+
+        return guard_me
+
     def set_deadline(self, deadline: float) -> None:
         """The group must be dead by ``deadline``, a ``trio.current_time()`` value."""
         if not math.isfinite(deadline):
             return  # nothing held yet
         import trio  # running by now; not imported at start() to keep the fork small
 
-        monotonic = time.monotonic_ns() + round((deadline - trio.current_time()) * 1e9)
-        self._send(_DEADLINE, monotonic)
+        at = time.clock_gettime_ns(_CLOCK) + round((deadline - trio.current_time()) * 1e9)
+        self._send(_DEADLINE, at)
 
     def unguard(self) -> None:
         """The group's leader has exited: leave its group alone from now on."""
@@ -156,7 +186,9 @@ def _serve(fd: int) -> None:  # pragma: no cover - runs in the forked watchdog
     while True:
         timeout: float | None = None
         if group is not None and deadline is not None:
-            timeout = max(0.0, (deadline - time.monotonic_ns()) / 1e6)
+            timeout = min(
+                max(0.0, (deadline - time.clock_gettime_ns(_CLOCK)) / 1e6), MAX_SLEEP * 1e3
+            )
         if poller.poll(None if timeout is None else timeout + 1):
             data = os.read(fd, 4096)
             if not data:
@@ -173,7 +205,7 @@ def _serve(fd: int) -> None:  # pragma: no cover - runs in the forked watchdog
                     deadline = argument
                 elif kind == _UNGUARD:
                     group = None
-        if group is not None and deadline is not None and time.monotonic_ns() >= deadline:
+        if group is not None and deadline is not None and time.clock_gettime_ns(_CLOCK) >= deadline:
             _kill(group, "kubelock did not stop the command by the lease's safety deadline")
             group = None
 

@@ -7,6 +7,7 @@ group, and ignore SIGTERM: only SIGKILL to the whole group stops them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 
 from kubelock.errors import EXIT_LEASE_LOST
+from kubelock.process import STOP_AFTER_SPAWN
+from kubelock.testing import process_alive
 
 from .kubelock_proc import hold_command, lease, read_intervals, renew_time, spawn, wait_for
 
@@ -140,3 +143,45 @@ def test_a_kubelock_resumed_past_its_deadline_exits_75_and_writes_nothing(
         if holder.poll() is None:
             holder.send_signal(signal.SIGCONT)
             holder.kill()
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T in /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def test_a_kubelock_killed_right_after_the_spawn_leaves_no_command_behind(
+    kubeconfig: Path, namespace: str, tmp_path: Path
+) -> None:
+    """The instant between the spawn and the watchdog hearing of the group, held open.
+
+    A test hook (STOP_AFTER_SPAWN, read only by tests) makes kubelock SIGSTOP
+    itself right after the spawn; the test SIGKILLs it there. The lease (60 s)
+    is far off, so only the watchdog's end-of-pipe kill can stop the command.
+    """
+    beats, pid_file = Beats(tmp_path), tmp_path / "pid"
+    command = f"echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; " + HEARTBEATS.format(
+        leader=beats.leader, grandchild=beats.grandchild
+    )
+    holder = spawn(
+        [
+            *["--kubeconfig", str(kubeconfig), "--name", "spawning", "--id", "holder"],
+            *["--lease-duration", "60s", "--renew-deadline", "40s", "--retry-period", "5s"],
+            *["sh", "-c", command],
+        ],
+        env={STOP_AFTER_SPAWN: "1"},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: beats.started() and pid_file.exists(), what="the command to start")
+        wait_for(lambda: stopped(holder.pid), what="kubelock to stop itself after the spawn")
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        beats.last()  # leader and grandchild both stop beating (it fails if they go on)
+        assert not process_alive(int(pid_file.read_text()))
+    finally:
+        holder.kill()
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)

@@ -23,7 +23,7 @@ import trio
 
 from kubelock.errors import KubelockError
 from kubelock.events import ChildExited, Event
-from kubelock.process import CannotRun, Child, exit_status, run_child
+from kubelock.process import CannotRun, Child, SignalInbox, exit_status, run_child
 from kubelock.reaper import reap_zombies
 
 PYTHON = sys.executable
@@ -246,6 +246,20 @@ async def test_the_reaper_leaves_our_own_child_alone() -> None:
 
 async def test_run_child_returns_the_status() -> None:
     assert await run_child(python("raise SystemExit(4)"), reap=False) == 4
+
+
+async def test_the_inbox_holds_a_signal_from_its_handler_on_and_drops_the_rest_on_leaving() -> None:
+    previous = signal.getsignal(signal.SIGUSR1)
+    with SignalInbox([signal.SIGUSR1, signal.SIGUSR2]) as inbox:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert inbox.take_nowait() == signal.SIGUSR1  # queued by the handler, no checkpoint
+        assert inbox.take_nowait() is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        with trio.fail_after(PATIENCE):
+            assert await inbox.receive() == signal.SIGUSR2
+        os.kill(os.getpid(), signal.SIGUSR1)  # nobody takes it
+    # trio's own receiver would re-raise it here, killing this process.
+    assert signal.getsignal(signal.SIGUSR1) == previous
 
 
 # --- kubelock-like runs in a subprocess, with real signals -------------------------

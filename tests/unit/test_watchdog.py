@@ -94,6 +94,26 @@ async def test_a_renewal_moves_the_deadline() -> None:
         watchdog.close()
 
 
+def test_a_group_guards_itself_before_its_exec() -> None:
+    # No guard() from this side: the child told the watchdog itself, before it ran GROUP.
+    watchdog = Watchdog.start()
+    leader = subprocess.Popen(
+        GROUP,
+        process_group=0,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=watchdog.guard_in_child(),
+    )
+    try:
+        assert leader.stdout is not None
+        grandchild = int(leader.stdout.readline())
+        watchdog.close()  # as when kubelock is killed right after the spawn
+        wait_dead(leader.pid, grandchild)
+    finally:
+        leader.kill()
+        leader.wait()
+
+
 def test_an_unguarded_group_is_left_alone_when_kubelock_exits() -> None:
     watchdog = Watchdog.start()
     leader, grandchild = spawn_group()
