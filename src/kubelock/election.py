@@ -47,7 +47,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import trio
 
@@ -709,9 +709,11 @@ class Elector:
         *,
         transitions: int,
         acquired: datetime | None = None,
+        renewed: datetime | None = None,
         lease_duration_seconds: int | None = None,
     ) -> LeaderElectionRecord:
-        """A record to write now: renewed now, acquired at ``acquired`` (default: now)."""
+        """A record to write now: renewed at ``renewed`` and acquired at ``acquired``
+        (default: now)."""
         now = self._wall_clock()
         return LeaderElectionRecord(
             holder_identity=holder,
@@ -721,7 +723,7 @@ class Elector:
                 else lease_duration_seconds
             ),
             acquire_time=now if acquired is None else acquired,
-            renew_time=now,
+            renew_time=now if renewed is None else renewed,
             leader_transitions=transitions,
         )
 
@@ -799,11 +801,13 @@ class Elector:
         """One renewal: kept, taken from us (the lease is lost), or failed (retry)."""
         current = self._observed
         assert current is not None
+        renewed: datetime | None = None  # now, unless the record would not change
         while True:
             record = self._record(
                 self.identity,
                 acquired=current.record.acquire_time,
                 transitions=current.record.leader_transitions,
+                renewed=renewed,
             )
             sent = trio.current_time()
             try:
@@ -830,6 +834,16 @@ class Elector:
                 return _Taken("the lock object was deleted")
             except ApiError as error:
                 return _Failed(str(error))
+            if updated.record == current.record:
+                # Nothing waiters can see changed (a record in whole seconds renewed
+                # twice in one second, or a wall clock that stepped back): the server
+                # skipped the write, so it is no renewal. Once more, renewed a second
+                # after the record's renewTime, so that it changes.
+                if renewed is not None or current.record.renew_time is None:
+                    return _Failed("the renewal changed nothing in the record")
+                renewed = current.record.renew_time + timedelta(seconds=1)
+                current = updated
+                continue
             self._wrote(updated, sent)
             return _Kept()
 

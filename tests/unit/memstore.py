@@ -2,6 +2,10 @@
 
 It keeps one object with a resourceVersion, rejects stale writes with
 ``Conflict`` exactly as the API server does, and streams changes to watchers.
+As the API server does, it skips a write that changes nothing: no new
+resourceVersion, no watch event. With ``whole_seconds`` it keeps the record's
+times as Endpoints and ConfigMap locks do (the annotation's whole seconds),
+so two renewals in one second write the same record.
 Each contender gets its own :class:`MemoryLock` view, so faults (a partition,
 a hanging request) can be injected for one contender while others go on.
 """
@@ -32,15 +36,17 @@ class Write:
 class MemoryBackend:
     """The shared 'API server': one object, its versions and its watchers."""
 
-    def __init__(self, compare: str = "record") -> None:
+    def __init__(self, compare: str = "record", *, whole_seconds: bool = False) -> None:
         # "record": a write fails when the record changed since it was read (the
         # compare-and-swap patch); "version": when anything did (a PUT with the
         # resourceVersion, as for a Role without patch).
         self.compare = compare
+        self.whole_seconds = whole_seconds
         self.current: Observed | None = None
         self.version = 0
         self.history: list[Write] = []  # writes of the record
         self.patches: list[Write] = []  # queue entries (merge patches), the record untouched
+        self.skipped: list[Write] = []  # writes that changed nothing (no version, no event)
         self._watchers: list[trio.MemorySendChannel[Observed]] = []
         self.compacted_below = 0
         self.deliver_to_watchers = True  # False: watches stay open but silent
@@ -52,11 +58,22 @@ class MemoryBackend:
         annotations: Mapping[str, str | None] | None = None,
         verb: str = "update",
     ) -> Observed:
-        self.version += 1
+        if self.whole_seconds:
+            record = LeaderElectionRecord.from_annotation(record.to_annotation())
         raw = self.current.raw if self.current is not None else {}
         kept = dict((raw.get("metadata") or {}).get("annotations") or {})
         kept.update(annotations or {})
         kept = {key: value for key, value in kept.items() if value is not None}
+        if (
+            self.current is not None
+            and self.current.record == record
+            and kept == dict((raw.get("metadata") or {}).get("annotations") or {})
+        ):
+            # The API server skips a write that changes nothing.
+            version = self.current.resource_version
+            self.skipped.append(Write(trio.current_time(), by, record, version))
+            return self.current
+        self.version += 1
         observed = Observed(
             record=record,
             resource_version=str(self.version),

@@ -1,0 +1,110 @@
+"""The election where the API server's own ways could let two hold at once (issue 22).
+
+Each test runs the election under trio's MockClock against the in-memory store,
+made faithful where the hole needs it (a write that changes nothing is skipped;
+the annotation locks keep whole seconds). The same holes are tested against the
+real kube-apiserver in tests/integration/test_election_holes.py.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import trio
+import trio.testing
+
+from kubelock import events
+from kubelock.election import Elector
+from kubelock.settings import ElectionTiming
+
+from .memstore import MemoryBackend, MemoryLock
+
+#: The settings of the issue's model: renewals twice a second.
+FAST = ElectionTiming(lease_duration=2, renew_deadline=1, retry_period=0.5)
+#: Wall-clock time 0 of the MockClock: a whole second.
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def wall_clock() -> datetime:
+    """The wall clock, following trio's (mock) clock."""
+    return EPOCH + timedelta(seconds=trio.current_time())
+
+
+def contender(
+    backend: MemoryBackend,
+    identity: str,
+    timing: ElectionTiming,
+    seen: list[events.Event] | None = None,
+) -> Elector:
+    return Elector(
+        MemoryLock(backend, identity),
+        identity,
+        timing,
+        observer=seen.append if seen is not None else None,
+        wall_clock=wall_clock,
+        rng=random.Random(identity),
+    )
+
+
+def store_of(elector: Elector) -> MemoryLock:
+    store = elector.store
+    assert isinstance(store, MemoryLock)
+    return store
+
+
+async def test_two_renewals_in_one_second_count_once_on_a_whole_seconds_record(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Endpoints/ConfigMap: the record keeps whole seconds, so a renewal in the
+    # same second as the last writes the same bytes, and the server skips it.
+    backend = MemoryBackend(whole_seconds=True)
+    a = contender(backend, "a", FAST)
+    await a.acquire()
+    b = contender(backend, "b", FAST)
+    b_acquired_at: list[float] = []
+    a_lost_with_held_until: list[float] = []
+
+    async def run_b() -> None:
+        await b.acquire()
+        b_acquired_at.append(trio.current_time())
+
+    async def partition_a() -> None:
+        await trio.sleep(1.65)
+        store_of(a).partitioned = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_b)
+        nursery.start_soon(partition_a)
+        await a.keep_renewing(on_lost=lambda _: a_lost_with_held_until.append(a.held_until))
+
+    # The holder's promise: nobody takes the lock before its held_until.
+    assert b_acquired_at[0] >= a_lost_with_held_until[0]
+    assert b_acquired_at[0] >= a.held_until
+
+
+async def test_a_holder_whose_wall_clock_stands_still_keeps_its_renewals_visible(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A wall clock that stepped back (or stands still) writes the same renewTime
+    # again: the server skips it, and waiters keep their expiry clock running.
+    backend = MemoryBackend()
+    timing = ElectionTiming(lease_duration=15, renew_deadline=10, retry_period=2)
+    a = Elector(MemoryLock(backend, "a"), "a", timing, wall_clock=lambda: EPOCH)
+    await a.acquire()
+    b = contender(backend, "b", timing)
+    b_acquired_at: list[float] = []
+
+    async def run_b() -> None:
+        await b.acquire()
+        b_acquired_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_b)
+        with trio.move_on_after(40):
+            await a.keep_renewing()
+        renewing_until = a.held_until
+    # a renewed all along (every renewal it counted was a write b saw), so b
+    # took over only after a stopped renewing and its lease ran out.
+    assert a.lost_reason is None
+    assert b_acquired_at[0] >= renewing_until
