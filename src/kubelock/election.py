@@ -45,7 +45,7 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from datetime import datetime, timedelta
 
@@ -75,7 +75,7 @@ from .events import (
     WaitFailed,
     Waiting,
 )
-from .locks.base import LockStore, Observed
+from .locks.base import Bookmark, LockStore, Observed
 from .locks.handoff import handoff_annotation, handoff_window, next_window
 from .locks.once import DoneKey, done_annotation, find_done
 from .locks.queue import (
@@ -108,6 +108,10 @@ RELEASE_TIMEOUT = 5.0
 FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
 #: How long before ``held_until`` guarded work must be gone at the latest.
 SAFETY_MARGIN = 1.0
+
+
+#: The resourceVersion of a lock object seen deleted while it was held.
+_DELETED = "deleted"
 
 
 def _no_observer(event: Event) -> None:
@@ -449,25 +453,44 @@ class Elector:
         return self._observed_time + self._observed.record.lease_duration_seconds
 
     async def _watch(self) -> None:
-        """Feed changes of the lock object into the waiting loop; restart when dropped."""
+        """Feed changes of the lock object into the waiting loop; restart when dropped.
+
+        Reopened from the newest version known, a bookmark's included. When
+        the server no longer has that version (410 Gone), reopened from now:
+        the current object comes first, and the observation stays, so the
+        expiry clock restarts only if the record changed.
+        """
         backoff = self.timing.retry_period
         quick_closes = 0
+        bookmark = ""
+        from_now = False
         while True:
             observed = self._observed
-            version = observed.resource_version if observed else ""
+            version = observed.resource_version if observed and not from_now else ""
+            if version == _DELETED:
+                version = ""
+            if bookmark and (not version or _is_older(version, bookmark)):
+                version = bookmark
+            from_now = False
             opened = trio.current_time()
             try:
                 async with aclosing(self.store.watch(version)) as changes:
                     async for change in changes:
                         backoff = self.timing.retry_period
-                        if change is not None:
+                        if isinstance(change, Bookmark):
+                            bookmark = change.resource_version
+                            continue
+                        if change is None:
+                            self._saw_deleted()
+                        else:
                             self._observe(change)
                         self._last_watch_event = trio.current_time()
                         self._changed.set()
             except Gone:
-                # Too old to resume: make the loop re-read, then watch from there.
-                self._observed = None
-                self._changed.set()
+                # Too old to resume: from now on, at once.
+                bookmark = ""
+                from_now = True
+                continue
             except (Forbidden, Unauthorized) as error:
                 # Watching is not allowed (e.g. a Role written for the Go kubelock):
                 # polling every retry-period still works, only slower to hand off.
@@ -492,6 +515,19 @@ class Elector:
                     backoff = min(backoff * 2, 30.0)
             else:
                 quick_closes = 0
+
+    def _saw_deleted(self) -> None:
+        """The lock object is gone. Held when last seen, it counts as held for a lease
+        from now: its holder's work may still be running (it stops when it notices).
+        """
+        known = self._observed
+        if known is None or not known.record.is_held:
+            self._observed = None
+            return
+        if known.resource_version == _DELETED:
+            return  # already counted from when the deletion was first seen
+        self._observed = Observed(record=known.record, resource_version=_DELETED)
+        self._observed_time = trio.current_time()
 
     def _observe(self, observed: Observed) -> Observed:
         """Remember a record unless a newer one is known; return the newest.
@@ -524,12 +560,18 @@ class Elector:
         # Cleared before reading: a change the watch delivers while the GET is in
         # flight sets it again, so no wake-up is lost.
         self._changed = trio.Event()
-        if watch_is_fresh and self._observed is not None:
-            current: Observed | None = self._observed
+        known = self._observed
+        if watch_is_fresh and known is not None and known.resource_version != _DELETED:
+            current: Observed | None = known
         else:
             current = await self.store.get()
 
         if current is None:
+            self._saw_deleted()
+            expiry = self._expiry()
+            if expiry is not None and trio.current_time() < expiry:
+                return False  # deleted while held: held for a lease from when that was seen
+            self._observed = None
             sent = trio.current_time()
             try:
                 created = await self.store.create(self._record(self.identity, transitions=0))
@@ -629,7 +671,7 @@ class Elector:
             )
             return
         except NotFound:
-            self._observed = None
+            self._saw_deleted()
             return
         self._joined = True
         self._observe(joined)
@@ -754,19 +796,80 @@ class Elector:
 
         Runs forever while renewals succeed: cancel it to stop. The lease is
         lost when no renewal succeeded within renew-deadline of the last
-        successful one being sent, or when another holder is seen. Each
-        request is bounded by the time left before that deadline. ``on_lost``
+        successful one being sent, or when another holder is seen, or the lock
+        object deleted (a watch reports both at once; renewals find them too).
+        Each request is bounded by the time left before that deadline. ``on_lost``
         runs synchronously the moment loss is decided (:meth:`holding` cancels
         the body's scope there).
         """
         if not self.is_holding:
             raise RuntimeError("keep_renewing() needs the lock to be held")
-        reason = await self._renew_until_lost()
-        self.lost_reason = reason
-        self._emit(Lost(reason=reason, held=self.held_for()))
-        if on_lost is not None:
-            on_lost(reason)
+        reason = ""
+        async with trio.open_nursery() as nursery:
+
+            async def until_lost(find_loss: Callable[[], Awaitable[str]]) -> None:
+                nonlocal reason
+                found = await find_loss()
+                if not reason:
+                    reason = found
+                    self.lost_reason = reason
+                    self._emit(Lost(reason=reason, held=self.held_for()))
+                    if on_lost is not None:
+                        on_lost(reason)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_lost, self._renew_until_lost)
+            nursery.start_soon(until_lost, self._watch_while_holding)
         return reason
+
+    def _lost_to_others(self, reason: str) -> str:
+        """The lock was taken, or its object deleted: others may hold it from now on."""
+        self.held_until = min(self.held_until, trio.current_time())
+        return reason
+
+    def _taken_by(self, record: LeaderElectionRecord) -> str:
+        holder = repr(record.holder_identity) if record.is_held else "nobody"
+        if record.holder_identity == self.identity:
+            holder = "another process with the same identity"
+        return self._lost_to_others(f"the lock was taken over by {holder}")
+
+    async def _watch_while_holding(self) -> str:
+        """Return as soon as a watch shows the lock deleted or written by somebody else.
+
+        Never returns on errors: then the renewals decide.
+        """
+        bookmark = ""
+        from_now = False
+        while True:
+            held = self._observed
+            version = held.resource_version if held is not None and not from_now else ""
+            if bookmark and (not version or _is_older(version, bookmark)):
+                version = bookmark
+            from_now = False
+            opened = trio.current_time()
+            try:
+                async with aclosing(self.store.watch(version)) as changes:
+                    async for change in changes:
+                        if isinstance(change, Bookmark):
+                            bookmark = change.resource_version
+                        elif change is None:
+                            return self._lost_to_others("the lock object was deleted")
+                        elif not self._is_ours(change.record):
+                            known = self._observed
+                            if known is None or not _is_older(
+                                change.resource_version, known.resource_version
+                            ):
+                                return self._taken_by(change.record)
+            except Gone:
+                bookmark = ""
+                from_now = True
+                continue
+            except (Forbidden, Unauthorized):
+                await trio.sleep_forever()  # not allowed to watch: renewals find out
+            except ApiError:
+                pass
+            if trio.current_time() - opened < self.timing.retry_period:
+                await self._sleep_jittered()
 
     async def _renew_until_lost(self) -> str:
         next_attempt = self._last_renew_sent + self.timing.retry_period
@@ -819,19 +922,14 @@ class Elector:
                 except ApiError as error:
                     return _Failed(str(error))
                 if fresh is None:
-                    return _Taken("the lock object was deleted")
+                    return _Taken(self._lost_to_others("the lock object was deleted"))
                 if not self._is_ours(fresh.record):
-                    holder = (
-                        repr(fresh.record.holder_identity) if fresh.record.is_held else "nobody"
-                    )
-                    if fresh.record.holder_identity == self.identity:
-                        holder = "another process with the same identity"
                     self._observe(fresh)
-                    return _Taken(f"the lock was taken over by {holder}")
+                    return _Taken(self._taken_by(fresh.record))
                 current = fresh
                 continue
             except NotFound:
-                return _Taken("the lock object was deleted")
+                return _Taken(self._lost_to_others("the lock object was deleted"))
             except ApiError as error:
                 return _Failed(str(error))
             if updated.record == current.record:

@@ -6,6 +6,11 @@ As the API server does, it skips a write that changes nothing: no new
 resourceVersion, no watch event. With ``whole_seconds`` it keeps the record's
 times as Endpoints and ConfigMap locks do (the annotation's whole seconds),
 so two renewals in one second write the same record.
+
+resourceVersions are global, as etcd's revision is: ``others_wrote`` moves
+them on without touching the lock, ``compact`` forgets the older ones (a
+watch from there is refused with ``Gone``), ``bookmark`` tells open watches
+the newest one, ``expire_watches`` ends them with ``Gone``.
 Each contender gets its own :class:`MemoryLock` view, so faults (a partition,
 a hanging request) can be injected for one contender while others go on.
 """
@@ -18,8 +23,16 @@ from collections.abc import AsyncGenerator, Mapping
 import trio
 
 from kubelock.errors import AlreadyExists, Conflict, Forbidden, Gone, NotFound, Unreachable
-from kubelock.locks.base import Observed
+from kubelock.locks.base import Bookmark, Observed
 from kubelock.locks.record import LeaderElectionRecord
+
+
+class _GoneMarker:
+    """Sent down a watch's channel: the watch ends with ``Gone`` (410)."""
+
+
+_GONE = _GoneMarker()
+_WatchItem = Observed | Bookmark | _GoneMarker | None
 
 
 @dataclasses.dataclass
@@ -47,7 +60,7 @@ class MemoryBackend:
         self.history: list[Write] = []  # writes of the record
         self.patches: list[Write] = []  # queue entries (merge patches), the record untouched
         self.skipped: list[Write] = []  # writes that changed nothing (no version, no event)
-        self._watchers: list[trio.MemorySendChannel[Observed]] = []
+        self._watchers: list[trio.MemorySendChannel[_WatchItem]] = []
         self.compacted_below = 0
         self.deliver_to_watchers = True  # False: watches stay open but silent
 
@@ -82,18 +95,48 @@ class MemoryBackend:
         self.current = observed
         write = Write(trio.current_time(), by, record, observed.resource_version, verb)
         (self.history if verb == "update" else self.patches).append(write)
-        if not self.deliver_to_watchers:
-            return observed
-        for send in list(self._watchers):
-            try:
-                send.send_nowait(observed)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                self._watchers.remove(send)
+        if self.deliver_to_watchers:
+            self._send(observed)
         return observed
 
-    def write(self, record: LeaderElectionRecord, by: str = "admin") -> Observed:
+    def _send(self, item: _WatchItem) -> None:
+        for send in list(self._watchers):
+            try:
+                send.send_nowait(item)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.remove(send)
+
+    def delete(self) -> None:
+        """``kubectl delete``: the object is gone; watchers get a deletion."""
+        self.version += 1
+        self.current = None
+        self._send(None)
+
+    def others_wrote(self, writes: int = 1) -> None:
+        """Writes to other objects: the global resourceVersion moves on, the lock's stays."""
+        self.version += writes
+
+    def compact(self) -> None:
+        """Forget every version older than the newest: watches from them get ``Gone``."""
+        self.compacted_below = self.version
+
+    def bookmark(self) -> None:
+        """A BOOKMARK to every open watch: nothing changed up to the newest version."""
+        self._send(Bookmark(str(self.version)))
+
+    def expire_watches(self) -> None:
+        """End every open watch with ``Gone``, as a server whose watch cache moved past it."""
+        self._send(_GONE)
+        self.drop_watches()
+
+    def write(
+        self,
+        record: LeaderElectionRecord,
+        by: str = "admin",
+        annotations: Mapping[str, str | None] | None = None,
+    ) -> Observed:
         """A write by somebody outside the election (an admin editing the Lease)."""
-        return self._store(record, by)
+        return self._store(record, by, annotations)
 
     def drop_watches(self) -> None:
         """End every open watch, as an API server restart does."""
@@ -128,10 +171,12 @@ class MemoryLock:
         if self.hanging:
             await trio.sleep_forever()
         if self.latency:
+            # The answer arrives when the sleep ends: acted upon with no further checkpoint.
             await trio.sleep(self.latency)
+        else:
+            await trio.lowlevel.checkpoint()
         if self.partitioned:
             raise Unreachable(f"cannot reach the API server ({verb})", verb=verb)
-        await trio.lowlevel.checkpoint()
 
     async def get(self) -> Observed | None:
         await self._request("get")
@@ -155,7 +200,9 @@ class MemoryLock:
     ) -> Observed:
         await self._request("update")
         stored = self.backend.current
-        if stored is None or (
+        if stored is None:
+            raise NotFound("not found", status_code=404, reason="NotFound")
+        if (
             stored.record != current.record
             if self.backend.compare == "record"
             else stored.resource_version != current.resource_version
@@ -172,17 +219,22 @@ class MemoryLock:
             raise NotFound("not found", status_code=404, reason="NotFound")
         return self.backend._store(stored.record, self.view, annotations, verb="patch")
 
-    async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
+    async def watch(
+        self, resource_version: str
+    ) -> AsyncGenerator[Observed | Bookmark | None, None]:
         await self._request("watch")
         if self.watch_forbidden:
             raise Forbidden("watch is forbidden", status_code=403, reason="Forbidden")
         if resource_version and int(resource_version) < self.backend.compacted_below:
             raise Gone("too old resource version", status_code=410, reason="Expired")
-        send, receive = trio.open_memory_channel[Observed](100)
+        send, receive = trio.open_memory_channel[_WatchItem](100)
         self.backend._watchers.append(send)
         current = self.backend.current
         if current is not None and int(current.resource_version) > int(resource_version or 0):
             yield current
-        async with receive:
-            async for observed in receive:
-                yield observed
+        # Closed without a checkpoint, as the real watch closes its stream shielded.
+        with receive:
+            async for item in receive:
+                if isinstance(item, _GoneMarker):
+                    raise Gone("too old resource version", status_code=410, reason="Expired")
+                yield item

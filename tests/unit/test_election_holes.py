@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from kubelock import events
 from kubelock.election import Elector
+from kubelock.errors import LeaseLost
+from kubelock.locks.base import Observed
 from kubelock.settings import ElectionTiming
 
 from .memstore import MemoryBackend, MemoryLock
@@ -108,3 +112,106 @@ async def test_a_holder_whose_wall_clock_stands_still_keeps_its_renewals_visible
     # took over only after a stopped renewing and its lease ran out.
     assert a.lost_reason is None
     assert b_acquired_at[0] >= renewing_until
+
+
+LONG = ElectionTiming(lease_duration=600, renew_deadline=10, retry_period=2)
+
+
+async def test_a_watch_too_old_to_resume_does_not_restart_the_expiry_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", LONG)
+    await a.acquire()  # a then dies: it never renews
+    b = contender(backend, "b", LONG)
+    acquired_at: list[float] = []
+
+    async def server() -> None:
+        # Others write to other objects; the server bookmarks open watches, forgets
+        # old versions, and closes each watch at its timeout.
+        while True:
+            await trio.sleep(100)
+            backend.others_wrote(10)
+            backend.bookmark()
+            backend.compact()
+            backend.drop_watches()
+            await trio.sleep(50)
+            backend.others_wrote(10)
+            backend.compact()
+            backend.expire_watches()
+
+    with trio.fail_after(1000):  # (mock time) without the fix, b never acquires
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            await b.acquire()
+            acquired_at.append(trio.current_time())
+            nursery.cancel_scope.cancel()
+    # b first saw a's record at t=0 and nothing changed since: a lease later, b holds it.
+    assert acquired_at == [pytest.approx(600)]
+
+
+async def test_a_late_gone_in_the_watch_after_acquiring_leaves_the_holder_renewing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", FAST)
+    await a.acquire()
+    b = contender(backend, "b", FAST)
+    store_b = store_of(b)
+    real_update = store_b.update
+
+    async def update_then_gone(*args: Any, **kwargs: Any) -> Observed:
+        # b's acquiring write lands, and its watch is refused with 410 Gone
+        # in the same moment (the answer to a watch reopened from an old version).
+        backend.deliver_to_watchers = False
+        updated = await real_update(*args, **kwargs)
+        backend.deliver_to_watchers = True
+        backend.expire_watches()
+        return updated
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        async with a.holding():
+            await trio.sleep(5)  # b watches, waiting
+            store_b.update = update_then_gone  # type: ignore[method-assign]
+    assert b.is_holding
+    async with b.holding() as held:
+        await trio.sleep(10)  # renewed all along
+    assert held.lost is None
+
+
+STEADY = ElectionTiming(lease_duration=15, renew_deadline=10, retry_period=2)
+
+
+@pytest.mark.parametrize("watch", [True, False])
+async def test_a_held_lock_deleted_counts_as_held_for_a_lease_and_its_holder_stops_at_once(
+    autojump_clock: trio.testing.MockClock, watch: bool
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", STEADY)
+    await a.acquire()
+    b = contender(backend, "b", STEADY)
+    store_of(b).watch_forbidden = not watch  # without a watch, b polls and reads the deletion
+    b_acquired_at: list[float] = []
+    a_stopped_at: list[float] = []
+
+    async def run_b() -> None:
+        await b.acquire()
+        b_acquired_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_b)
+        with pytest.raises(LeaseLost, match="deleted"):
+            async with a.holding():
+                try:
+                    await trio.sleep(5)
+                    backend.delete()  # kubectl delete lease
+                    await trio.sleep_forever()
+                finally:
+                    a_stopped_at.append(trio.current_time())
+    # The holder stopped its work the moment the deletion was seen, and may be
+    # killed at once (its deadline is now); the waiter, which saw the lock
+    # held, waits a whole lease from the deletion before it takes it.
+    assert a_stopped_at == [pytest.approx(5)]
+    assert a.safety_deadline <= 5
+    assert b_acquired_at[0] >= 5 + 15

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..kube.api import ApiClient, Target
-from .base import Observed
+from .base import Bookmark, Observed
 from .record import LeaderElectionRecord
 
 __all__ = [
@@ -198,7 +198,9 @@ class ApiLock:
         patched = await self.api.merge_patch(self.target, patch, timeout=self.timeout)
         return self._observed(patched)
 
-    async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
+    async def watch(
+        self, resource_version: str
+    ) -> AsyncGenerator[Observed | Bookmark | None, None]:
         events = self.api.watch(self.target, resource_version)
         async with aclosing(events):
             async for event in events:
@@ -208,7 +210,10 @@ class ApiLock:
                     yield None
                 elif kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
                     yield self._observed(obj)
-                # BOOKMARK: no change; the watch simply continues
+                elif kind == "BOOKMARK" and isinstance(obj, dict):
+                    version = (obj.get("metadata") or {}).get("resourceVersion")
+                    if version:
+                        yield Bookmark(str(version))
 
     def _observed(self, obj: dict[str, Any]) -> Observed:
         metadata = obj.get("metadata") or {}
