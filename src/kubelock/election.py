@@ -237,6 +237,8 @@ class Elector:
         #: Why the API refused the release (RBAC, credentials), if it did.
         self.release_refused: StatusError | None = None
         self._warned_same_identity = False
+        # An acquiring write sent, and when, while its answer is not known.
+        self._unanswered: tuple[LeaderElectionRecord, float] | None = None
         # The hand-off window (see locks/handoff.py): a waiter that sees the lock
         # come free waits a random delay before writing, once per version seen.
         self._defer_on_release = defer_on_release
@@ -573,14 +575,25 @@ class Elector:
                 return False  # deleted while held: held for a lease from when that was seen
             self._observed = None
             sent = trio.current_time()
+            first = self._record(self.identity, transitions=0)
+            self._unanswered = (first, sent)
             try:
-                created = await self.store.create(self._record(self.identity, transitions=0))
-            except Conflict:  # AlreadyExists: somebody else was first
+                created = await self.store.create(first)
+            except Conflict:  # AlreadyExists: somebody else was first (or our lost create)
                 return False
+            self._unanswered = None
             self._took(created, sent)
             return True
 
         current = self._observe(current)
+        if self._is_our_lost_write(current.record):
+            # Our acquiring write landed, though its answer was lost (a dropped
+            # connection, a timeout): the lock is ours since that write was sent.
+            assert self._unanswered is not None
+            self._took(current, self._unanswered[1])
+            self._unanswered = None
+            self._joined = False
+            return True
         first_look = not self._looked
         self._looked = True
         if self.once is not None:
@@ -625,6 +638,7 @@ class Elector:
         # Our own entry, and those of the waiters we passed over, go in the same write.
         leaving = [*self._passed, *(w for w in waiters(current.raw) if w.identity == self.identity)]
         sent = trio.current_time()
+        self._unanswered = (record, sent)
         try:
             updated = await self.store.update(record, current, annotations=removals(leaving))
         except Conflict:
@@ -634,6 +648,7 @@ class Elector:
         except NotFound:
             self._observed = None
             return False
+        self._unanswered = None
         self._took(updated, sent)
         self._joined = False
         if self._deferred_for == current.resource_version:
@@ -768,6 +783,14 @@ class Elector:
             renew_time=now if renewed is None else renewed,
             leader_transitions=transitions,
         )
+
+    def _is_our_lost_write(self, record: LeaderElectionRecord) -> bool:
+        """True when ``record`` is the acquiring write of ours whose answer never came."""
+        if self._unanswered is None:
+            return False
+        sent = self._unanswered[0]
+        # As stored: Endpoints and ConfigMap records keep whole seconds.
+        return record in (sent, LeaderElectionRecord.from_annotation(sent.to_annotation()))
 
     def _is_ours(self, record: LeaderElectionRecord) -> bool:
         """True when ``record`` is this process's acquisition (identity and acquire time)."""

@@ -162,6 +162,7 @@ class MemoryLock:
         self.watch_forbidden = False
         self.patch_forbidden = False
         self.requests: list[str] = []
+        self.lose_answers = 0  # this many updates land, but their answers are lost
 
     def describe(self) -> str:
         return f"leases {self.namespace}/{self.name}"
@@ -208,7 +209,11 @@ class MemoryLock:
             else stored.resource_version != current.resource_version
         ):
             raise Conflict("the object has been modified", status_code=409, reason="Conflict")
-        return self.backend._store(record, self.view, annotations)
+        stored = self.backend._store(record, self.view, annotations)
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise Unreachable("the connection dropped before the answer came", verb="update")
+        return stored
 
     async def annotate(self, annotations: Mapping[str, str | None]) -> Observed:
         await self._request("patch")

@@ -215,3 +215,24 @@ async def test_a_held_lock_deleted_counts_as_held_for_a_lease_and_its_holder_sto
     assert a_stopped_at == [pytest.approx(5)]
     assert a.safety_deadline <= 5
     assert b_acquired_at[0] >= 5 + 15
+
+
+async def test_an_acquiring_write_whose_answer_was_lost_is_recognised_on_the_next_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", STEADY)
+    await a.acquire()
+    seen: list[events.Event] = []
+    b = contender(backend, "b", STEADY, seen)
+    store_of(b).lose_answers = 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        async with a.holding():
+            await trio.sleep(5)
+    # b's write landed at t=5 though b never heard: the next read shows it is b's.
+    assert backend.history[-1].by == "b"
+    assert b.is_holding
+    assert trio.current_time() < 5 + STEADY.retry_period * 3
+    assert not any(isinstance(e, events.WaitFailed) and "own identity" in e.error for e in seen)
+    assert b.held_until <= 5 + STEADY.lease_duration
