@@ -239,6 +239,7 @@ class Elector:
         self._warned_same_identity = False
         # An acquiring write sent, and when, while its answer is not known.
         self._unanswered: tuple[LeaderElectionRecord, float] | None = None
+        self._took_lock = False  # a write of this acquire() call took the lock
         # The hand-off window (see locks/handoff.py): a waiter that sees the lock
         # come free waits a random delay before writing, once per version seen.
         self._defer_on_release = defer_on_release
@@ -354,6 +355,7 @@ class Elector:
         self._in_queue = self._queue and timeout is None
         fatal: Exception | None = None
         acquired = False
+        self._took_lock = False
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -363,9 +365,13 @@ class Elector:
                     # Raised outside the nursery, so callers see the error itself.
                     fatal = error
                 nursery.cancel_scope.cancel()
+            completed = acquired
+        except BaseException:
+            completed = False  # cancelled (a signal), perhaps just as a write of ours took it
+            raise
         finally:
-            if not acquired:
-                await self._leave_queue()
+            if not completed:
+                await self._give_back()
         if fatal is not None:
             raise fatal
         assert self.fencing_token is not None
@@ -578,9 +584,11 @@ class Elector:
             first = self._record(self.identity, transitions=0)
             self._unanswered = (first, sent)
             try:
-                created = await self.store.create(first)
+                created = await self._acquiring_write(lambda: self.store.create(first))
             except Conflict:  # AlreadyExists: somebody else was first (or our lost create)
                 return False
+            if created is None:
+                return False  # no answer in time: the next read tells whether it landed
             self._unanswered = None
             self._took(created, sent)
             return True
@@ -640,7 +648,9 @@ class Elector:
         sent = trio.current_time()
         self._unanswered = (record, sent)
         try:
-            updated = await self.store.update(record, current, annotations=removals(leaving))
+            updated = await self._acquiring_write(
+                lambda: self.store.update(record, current, annotations=removals(leaving))
+            )
         except Conflict:
             # Somebody else wrote first: never overwrite. Their record arrives
             # through the watch (which wakes the loop) or the next poll.
@@ -648,6 +658,8 @@ class Elector:
         except NotFound:
             self._observed = None
             return False
+        if updated is None:
+            return False  # no answer in time: the next read tells whether it landed
         self._unanswered = None
         self._took(updated, sent)
         self._joined = False
@@ -716,6 +728,36 @@ class Elector:
             return True
         self._passed = ahead
         return False
+
+    async def _give_back(self) -> None:
+        """``acquire()`` ends without handing over the lock: leave the queue, and give
+        back a lock that a write of ours took meanwhile (or may have: its answer
+        never came). Shielded and bounded, as a release is.
+        """
+        if not self._took_lock and self._unanswered is not None:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self._release_timeout),
+                contextlib.suppress(ApiError),
+            ):
+                current = await self.store.get()
+                if current is not None and self._is_our_lost_write(current.record):
+                    self._took(current, self._unanswered[1])
+        self._unanswered = None
+        if self._took_lock:
+            self._took_lock = False
+            self._acquired_at = trio.current_time()
+            await self.release()
+            return
+        await self._leave_queue()
+
+    async def _acquiring_write(self, write: Callable[[], Awaitable[Observed]]) -> Observed | None:
+        """Send an acquiring write, shielded (a signal must not leave a write of unknown
+        fate behind) and bounded by the renew deadline; ``None`` when no answer came.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timing.renew_deadline):
+            return await write()
+        return None
 
     async def _leave_queue(self) -> None:
         """Remove this waiter's entry when it stops waiting without the lock.
@@ -799,6 +841,7 @@ class Elector:
 
     def _took(self, observed: Observed, sent: float) -> None:
         """An acquiring write landed: we hold the lock, with this fencing token."""
+        self._took_lock = True
         self._wrote(observed, sent)
         self.fencing_token = observed.record.leader_transitions
 

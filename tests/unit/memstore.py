@@ -163,6 +163,7 @@ class MemoryLock:
         self.patch_forbidden = False
         self.requests: list[str] = []
         self.lose_answers = 0  # this many updates land, but their answers are lost
+        self.update_answer_latency = 0.0  # an update lands at once; its answer takes this long
 
     def describe(self) -> str:
         return f"leases {self.namespace}/{self.name}"
@@ -210,6 +211,8 @@ class MemoryLock:
         ):
             raise Conflict("the object has been modified", status_code=409, reason="Conflict")
         stored = self.backend._store(record, self.view, annotations)
+        if self.update_answer_latency:
+            await trio.sleep(self.update_answer_latency)
         if self.lose_answers:
             self.lose_answers -= 1
             raise Unreachable("the connection dropped before the answer came", verb="update")

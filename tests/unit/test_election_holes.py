@@ -236,3 +236,27 @@ async def test_an_acquiring_write_whose_answer_was_lost_is_recognised_on_the_nex
     assert trio.current_time() < 5 + STEADY.retry_period * 3
     assert not any(isinstance(e, events.WaitFailed) and "own identity" in e.error for e in seen)
     assert b.held_until <= 5 + STEADY.lease_duration
+
+
+async def test_cancelled_during_the_acquiring_write_gives_the_lock_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a", STEADY)
+    await a.acquire()
+    b = contender(backend, "b", STEADY)
+    store_of(b).update_answer_latency = 1.0  # b's write lands at once, its answer comes 1 s later
+    async with trio.open_nursery() as nursery:
+
+        async def b_interrupted() -> None:
+            with trio.move_on_at(5.5):  # a signal while b's acquiring write is in flight
+                await b.acquire()
+
+        nursery.start_soon(b_interrupted)
+        async with a.holding():
+            await trio.sleep(5)
+    # b's write landed at t=5; b stopped without the lock, so it gave the lock back.
+    assert [w.by for w in backend.history[-2:]] == ["b", "b"]
+    assert backend.current is not None
+    assert backend.current.record.holder_identity == ""
+    assert not b.is_holding
