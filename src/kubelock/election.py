@@ -62,6 +62,7 @@ from .errors import (
     NotFound,
     StatusError,
     Unauthorized,
+    Unreachable,
     WaitTimedOut,
 )
 from .events import (
@@ -387,8 +388,24 @@ class Elector:
         watching = False
         while True:
             try:
-                if await self._try_acquire():
-                    return
+                # Each attempt is bounded by what waiting can afford: the --timeout
+                # deadline (a first try gets a renew deadline, as timeout 0 asks),
+                # and a renew deadline at most. The acquiring write is shielded and
+                # bounded on its own (_acquiring_write).
+                now = trio.current_time()
+                step_deadline = now + self.timing.renew_deadline
+                if give_up_at > now:
+                    step_deadline = min(step_deadline, give_up_at)
+                with trio.move_on_at(step_deadline) as step:
+                    if await self._try_acquire():
+                        return
+                if step.cancelled_caught:
+                    raise Unreachable(
+                        f"no answer from the API server about the lock {self.store.describe()} "
+                        f"within {step_deadline - now:g}s",
+                        verb="get",
+                        resource=self.store.kind,
+                    )
             except FATAL_ERRORS:
                 raise
             except ApiError as error:

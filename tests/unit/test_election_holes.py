@@ -18,7 +18,7 @@ import trio.testing
 
 from kubelock import events
 from kubelock.election import Elector
-from kubelock.errors import LeaseLost
+from kubelock.errors import LeaseLost, WaitTimedOut
 from kubelock.locks.base import Observed
 from kubelock.settings import ElectionTiming
 
@@ -260,3 +260,15 @@ async def test_cancelled_during_the_acquiring_write_gives_the_lock_back(
     assert backend.current is not None
     assert backend.current.record.holder_identity == ""
     assert not b.is_holding
+
+
+async def test_a_timeout_bounds_a_first_read_that_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    b = contender(backend, "b", STEADY)
+    store_of(b).hanging = True  # the API server accepts connections and never answers
+    with trio.fail_after(60), pytest.raises(WaitTimedOut, match="nothing was written"):
+        await b.acquire(timeout=3)  # (fail_after: mock time, so the old hang fails fast)
+    assert trio.current_time() == pytest.approx(3)
+    assert backend.history == []
