@@ -389,13 +389,13 @@ class Elector:
         while True:
             try:
                 # Each attempt is bounded by what waiting can afford: the --timeout
-                # deadline (a first try gets a renew deadline, as timeout 0 asks),
-                # and a renew deadline at most. The acquiring write is shielded and
+                # deadline (a try past it, as timeout 0 asks, gets a renew deadline);
+                # without one, each call's own. The acquiring write is shielded and
                 # bounded on its own (_acquiring_write).
                 now = trio.current_time()
-                step_deadline = now + self.timing.renew_deadline
-                if give_up_at > now:
-                    step_deadline = min(step_deadline, give_up_at)
+                step_deadline = give_up_at
+                if give_up_at <= now:
+                    step_deadline = now + self.timing.renew_deadline
                 with trio.move_on_at(step_deadline) as step:
                     if await self._try_acquire():
                         return
