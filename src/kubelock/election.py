@@ -671,8 +671,10 @@ class Elector:
         except Conflict:
             # Somebody else wrote first: never overwrite. Their record arrives
             # through the watch (which wakes the loop) or the next poll.
+            self._unanswered = None
             return False
         except NotFound:
+            self._unanswered = None
             self._observed = None
             return False
         if updated is None:
