@@ -15,7 +15,7 @@ from kubelock import events
 from kubelock.election import Elector
 from kubelock.kube.api import ApiClient
 from kubelock.kube.auth import ClusterConfig, load_config
-from kubelock.locks import make_lock
+from kubelock.locks import Bookmark, LeaderElectionRecord, make_lock
 from kubelock.settings import ElectionTiming
 
 FAST = ElectionTiming(lease_duration=4, renew_deadline=3, retry_period=0.3)
@@ -88,3 +88,30 @@ async def test_every_renewal_counted_is_a_change_the_waiters_see(
 async def _renew_in(holder: Elector, scope: trio.CancelScope) -> None:
     with scope:
         await holder.keep_renewing()
+
+
+async def test_the_lock_watch_passes_on_the_servers_bookmarks(
+    admin_config: ClusterConfig, namespace: str
+) -> None:
+    # The lock's own resourceVersion stays old while nobody writes it, and the
+    # server forgets old versions (a watch from there: 410 Gone). Its bookmarks
+    # (about once a minute) carry the newest version to resume from.
+    async with ApiClient(admin_config) as api:
+        lock = make_lock("leases", api, "quiet", namespace)
+        created = await lock.create(LeaderElectionRecord("a", 15))
+        other = make_lock("leases", api, "busy", namespace)
+        written = await other.create(LeaderElectionRecord("x", 15))
+        for round_ in range(3):
+            written = await other.update(LeaderElectionRecord(f"x{round_}", 15), written)
+        with trio.fail_after(150):
+            async with aclosing(lock.watch(created.resource_version)) as changes:
+                async for change in changes:
+                    if isinstance(change, Bookmark):
+                        bookmark = change
+                        break
+        assert int(bookmark.resource_version) >= int(written.resource_version)
+        # The watch resumes from the bookmark: no 410, nothing changed since.
+        with trio.move_on_after(2):
+            async with aclosing(lock.watch(bookmark.resource_version)) as changes:
+                async for change in changes:
+                    assert isinstance(change, Bookmark), change
