@@ -17,6 +17,14 @@ Safety model, said first (as client-go's package comment does):
   them can consider the lease expired before ``held_until``. The guarded work
   must be stopped before then; the CLI SIGKILLs its child ahead of it
   (and its watchdog does, should kubelock itself be killed or frozen).
+* A renewal counts only if waiters can see it: a write the server skipped
+  because it changed nothing (a record in whole seconds renewed twice in one
+  second) is sent again with a later renewTime. A lock object deleted while
+  held counts as held for a lease from when the deletion was seen; its holder,
+  watching, counts the lock as lost at once, with ``held_until`` now.
+* Every call is bounded: renewals by the renew deadline, the acquiring write
+  (shielded, so a signal cannot leave it half-known) likewise, waiting by the
+  ``timeout`` deadline, releases by ``release_timeout``.
 * There is no fencing by the API server. ``fencing_token`` (the transition
   count at acquisition, which only grows) lets the guarded work refuse
   writes from an older holder, if the work's own storage can check it.
