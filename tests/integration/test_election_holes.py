@@ -54,8 +54,9 @@ async def test_every_renewal_counted_is_a_change_the_waiters_see(
             wall_clock=lambda: STOPPED,
         )
         await holder.acquire()
-        assert holder._observed is not None
-        since = holder._observed.resource_version
+        acquired = await make_lock(kind, api, "steady", namespace).get()
+        assert acquired is not None
+        since = acquired.resource_version
 
         async def watch_changes() -> None:
             # What a waiter sees: a MODIFIED event per write the server stored.
