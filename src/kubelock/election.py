@@ -268,6 +268,8 @@ class Elector:
         self._passed: list[Waiter] = []
         #: This waiter stopped without the lock and took its entry out of the queue.
         self.left_queue = False
+        #: acquire() was stopped just as a write of its took the lock: it released it.
+        self.gave_back = False
 
     # -- public state ---------------------------------------------------------
 
@@ -774,7 +776,7 @@ class Elector:
         if self._took_lock:
             self._took_lock = False
             self._acquired_at = trio.current_time()
-            await self.release()
+            self.gave_back = await self.release()
             return
         await self._leave_queue()
 

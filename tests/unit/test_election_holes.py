@@ -260,6 +260,7 @@ async def test_cancelled_during_the_acquiring_write_gives_the_lock_back(
     assert backend.current is not None
     assert backend.current.record.holder_identity == ""
     assert not b.is_holding
+    assert b.gave_back and not b.left_queue  # what kubelock then logs
 
 
 async def test_a_timeout_bounds_a_first_read_that_never_answers(
