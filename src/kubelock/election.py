@@ -17,6 +17,14 @@ Safety model, said first (as client-go's package comment does):
   them can consider the lease expired before ``held_until``. The guarded work
   must be stopped before then; the CLI SIGKILLs its child ahead of it
   (and its watchdog does, should kubelock itself be killed or frozen).
+* A renewal counts only if waiters can see it: a write the server skipped
+  because it changed nothing (a record in whole seconds renewed twice in one
+  second) is sent again with a later renewTime. A lock object deleted while
+  held counts as held for a lease from when the deletion was seen; its holder,
+  watching, counts the lock as lost at once, with ``held_until`` now.
+* Every call is bounded: renewals by the renew deadline, the acquiring write
+  (shielded, so a signal cannot leave it half-known) likewise, waiting by the
+  ``timeout`` deadline, releases by ``release_timeout``.
 * There is no fencing by the API server. ``fencing_token`` (the transition
   count at acquisition, which only grows) lets the guarded work refuse
   writes from an older holder, if the work's own storage can check it.
@@ -45,9 +53,9 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import trio
 
@@ -62,6 +70,7 @@ from .errors import (
     NotFound,
     StatusError,
     Unauthorized,
+    Unreachable,
     WaitTimedOut,
 )
 from .events import (
@@ -75,7 +84,7 @@ from .events import (
     WaitFailed,
     Waiting,
 )
-from .locks.base import LockStore, Observed
+from .locks.base import Bookmark, LockStore, Observed
 from .locks.handoff import handoff_annotation, handoff_window, next_window
 from .locks.once import DoneKey, done_annotation, find_done
 from .locks.queue import (
@@ -109,6 +118,10 @@ RELEASE_TIMEOUT = 5.0
 FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
 #: How long before ``held_until`` guarded work must be gone at the latest.
 SAFETY_MARGIN = 1.0
+
+
+#: The resourceVersion of a lock object seen deleted while it was held.
+_DELETED = "deleted"
 
 
 def _no_observer(event: Event) -> None:
@@ -234,6 +247,9 @@ class Elector:
         #: Why the API refused the release (RBAC, credentials), if it did.
         self.release_refused: StatusError | None = None
         self._warned_same_identity = False
+        # An acquiring write sent, and when, while its answer is not known.
+        self._unanswered: tuple[LeaderElectionRecord, float] | None = None
+        self._took_lock = False  # a write of this acquire() call took the lock
         # The hand-off window (see locks/handoff.py): a waiter that sees the lock
         # come free waits a random delay before writing, once per version seen.
         self._defer_on_release = defer_on_release
@@ -253,6 +269,8 @@ class Elector:
         self._passed: list[Waiter] = []
         #: This waiter stopped without the lock and took its entry out of the queue.
         self.left_queue = False
+        #: acquire() was stopped just as a write of its took the lock: it released it.
+        self.gave_back = False
 
     # -- public state ---------------------------------------------------------
 
@@ -349,6 +367,7 @@ class Elector:
         self._in_queue = self._queue and timeout is None
         fatal: Exception | None = None
         acquired = False
+        self._took_lock = False
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -358,9 +377,13 @@ class Elector:
                     # Raised outside the nursery, so callers see the error itself.
                     fatal = error
                 nursery.cancel_scope.cancel()
+            completed = acquired
+        except BaseException:
+            completed = False  # cancelled (a signal), perhaps just as a write of ours took it
+            raise
         finally:
-            if not acquired:
-                await self._leave_queue()
+            if not completed:
+                await self._give_back()
         if fatal is not None:
             raise fatal
         assert self.fencing_token is not None
@@ -376,8 +399,24 @@ class Elector:
         watching = False
         while True:
             try:
-                if await self._try_acquire():
-                    return
+                # Each attempt is bounded by what waiting can afford: the --timeout
+                # deadline (a try past it, as timeout 0 asks, gets a renew deadline);
+                # without one, each call's own. The acquiring write is shielded and
+                # bounded on its own (_acquiring_write).
+                now = trio.current_time()
+                step_deadline = give_up_at
+                if give_up_at <= now:
+                    step_deadline = now + self.timing.renew_deadline
+                with trio.move_on_at(step_deadline) as step:
+                    if await self._try_acquire():
+                        return
+                if step.cancelled_caught:
+                    raise Unreachable(
+                        f"no answer from the API server about the lock {self.store.describe()} "
+                        f"within {step_deadline - now:g}s",
+                        verb="get",
+                        resource=self.store.kind,
+                    )
             except FATAL_ERRORS:
                 raise
             except ApiError as error:
@@ -457,25 +496,44 @@ class Elector:
         return self._observed_time + duration
 
     async def _watch(self) -> None:
-        """Feed changes of the lock object into the waiting loop; restart when dropped."""
+        """Feed changes of the lock object into the waiting loop; restart when dropped.
+
+        Reopened from the newest version known, a bookmark's included. When
+        the server no longer has that version (410 Gone), reopened from now:
+        the current object comes first, and the observation stays, so the
+        expiry clock restarts only if the record changed.
+        """
         backoff = self.timing.retry_period
         quick_closes = 0
+        bookmark = ""
+        from_now = False
         while True:
             observed = self._observed
-            version = observed.resource_version if observed else ""
+            version = observed.resource_version if observed and not from_now else ""
+            if version == _DELETED:
+                version = ""
+            if bookmark and (not version or _is_older(version, bookmark)):
+                version = bookmark
+            from_now = False
             opened = trio.current_time()
             try:
                 async with aclosing(self.store.watch(version)) as changes:
                     async for change in changes:
                         backoff = self.timing.retry_period
-                        if change is not None:
+                        if isinstance(change, Bookmark):
+                            bookmark = change.resource_version
+                            continue
+                        if change is None:
+                            self._saw_deleted()
+                        else:
                             self._observe(change)
                         self._last_watch_event = trio.current_time()
                         self._changed.set()
             except Gone:
-                # Too old to resume: make the loop re-read, then watch from there.
-                self._observed = None
-                self._changed.set()
+                # Too old to resume: from now on, at once.
+                bookmark = ""
+                from_now = True
+                continue
             except (Forbidden, Unauthorized) as error:
                 # Watching is not allowed (e.g. a Role written for the Go kubelock):
                 # polling every retry-period still works, only slower to hand off.
@@ -500,6 +558,19 @@ class Elector:
                     backoff = min(backoff * 2, 30.0)
             else:
                 quick_closes = 0
+
+    def _saw_deleted(self) -> None:
+        """The lock object is gone. Held when last seen, it counts as held for a lease
+        from now: its holder's work may still be running (it stops when it notices).
+        """
+        known = self._observed
+        if known is None or not known.record.is_held:
+            self._observed = None
+            return
+        if known.resource_version == _DELETED:
+            return  # already counted from when the deletion was first seen
+        self._observed = Observed(record=known.record, resource_version=_DELETED)
+        self._observed_time = trio.current_time()
 
     def _observe(self, observed: Observed) -> Observed:
         """Remember a record unless a newer one is known; return the newest.
@@ -532,21 +603,40 @@ class Elector:
         # Cleared before reading: a change the watch delivers while the GET is in
         # flight sets it again, so no wake-up is lost.
         self._changed = trio.Event()
-        if watch_is_fresh and self._observed is not None:
-            current: Observed | None = self._observed
+        known = self._observed
+        if watch_is_fresh and known is not None and known.resource_version != _DELETED:
+            current: Observed | None = known
         else:
             current = await self.store.get()
 
         if current is None:
+            self._saw_deleted()
+            expiry = self._expiry()
+            if expiry is not None and trio.current_time() < expiry:
+                return False  # deleted while held: held for a lease from when that was seen
+            self._observed = None
             sent = trio.current_time()
+            first = self._record(self.identity, transitions=0)
+            self._unanswered = (first, sent)
             try:
-                created = await self.store.create(self._record(self.identity, transitions=0))
-            except Conflict:  # AlreadyExists: somebody else was first
+                created = await self._acquiring_write(lambda: self.store.create(first))
+            except Conflict:  # AlreadyExists: somebody else was first (or our lost create)
                 return False
+            if created is None:
+                return False  # no answer in time: the next read tells whether it landed
+            self._unanswered = None
             self._took(created, sent)
             return True
 
         current = self._observe(current)
+        if self._is_our_lost_write(current.record):
+            # Our acquiring write landed, though its answer was lost (a dropped
+            # connection, a timeout): the lock is ours since that write was sent.
+            assert self._unanswered is not None
+            self._took(current, self._unanswered[1])
+            self._unanswered = None
+            self._joined = False
+            return True
         first_look = not self._looked
         self._looked = True
         if self.once is not None:
@@ -591,15 +681,23 @@ class Elector:
         # Our own entry, and those of the waiters we passed over, go in the same write.
         leaving = [*self._passed, *(w for w in waiters(current.raw) if w.identity == self.identity)]
         sent = trio.current_time()
+        self._unanswered = (record, sent)
         try:
-            updated = await self.store.update(record, current, annotations=removals(leaving))
+            updated = await self._acquiring_write(
+                lambda: self.store.update(record, current, annotations=removals(leaving))
+            )
         except Conflict:
             # Somebody else wrote first: never overwrite. Their record arrives
             # through the watch (which wakes the loop) or the next poll.
+            self._unanswered = None
             return False
         except NotFound:
+            self._unanswered = None
             self._observed = None
             return False
+        if updated is None:
+            return False  # no answer in time: the next read tells whether it landed
+        self._unanswered = None
         self._took(updated, sent)
         self._joined = False
         if self._deferred_for == current.resource_version:
@@ -641,7 +739,7 @@ class Elector:
             )
             return
         except NotFound:
-            self._observed = None
+            self._saw_deleted()
             return
         self._joined = True
         self._observe(joined)
@@ -671,6 +769,36 @@ class Elector:
             return True
         self._passed = ahead
         return False
+
+    async def _give_back(self) -> None:
+        """``acquire()`` ends without handing over the lock: leave the queue, and give
+        back a lock that a write of ours took meanwhile (or may have: its answer
+        never came). Shielded and bounded, as a release is.
+        """
+        if not self._took_lock and self._unanswered is not None:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self._release_timeout),
+                contextlib.suppress(ApiError),
+            ):
+                current = await self.store.get()
+                if current is not None and self._is_our_lost_write(current.record):
+                    self._took(current, self._unanswered[1])
+        self._unanswered = None
+        if self._took_lock:
+            self._took_lock = False
+            self._acquired_at = trio.current_time()
+            self.gave_back = await self.release()
+            return
+        await self._leave_queue()
+
+    async def _acquiring_write(self, write: Callable[[], Awaitable[Observed]]) -> Observed | None:
+        """Send an acquiring write, shielded (a signal must not leave a write of unknown
+        fate behind) and bounded by the renew deadline; ``None`` when no answer came.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timing.renew_deadline):
+            return await write()
+        return None
 
     async def _leave_queue(self) -> None:
         """Remove this waiter's entry when it stops waiting without the lock.
@@ -721,9 +849,11 @@ class Elector:
         *,
         transitions: int,
         acquired: datetime | None = None,
+        renewed: datetime | None = None,
         lease_duration_seconds: int | None = None,
     ) -> LeaderElectionRecord:
-        """A record to write now: renewed now, acquired at ``acquired`` (default: now)."""
+        """A record to write now: renewed at ``renewed`` and acquired at ``acquired``
+        (default: now)."""
         now = self._wall_clock()
         return LeaderElectionRecord(
             holder_identity=holder,
@@ -733,9 +863,17 @@ class Elector:
                 else lease_duration_seconds
             ),
             acquire_time=now if acquired is None else acquired,
-            renew_time=now,
+            renew_time=now if renewed is None else renewed,
             leader_transitions=transitions,
         )
+
+    def _is_our_lost_write(self, record: LeaderElectionRecord) -> bool:
+        """True when ``record`` is the acquiring write of ours whose answer never came."""
+        if self._unanswered is None:
+            return False
+        sent = self._unanswered[0]
+        # As stored: Endpoints and ConfigMap records keep whole seconds.
+        return record in (sent, LeaderElectionRecord.from_annotation(sent.to_annotation()))
 
     def _is_ours(self, record: LeaderElectionRecord) -> bool:
         """True when ``record`` is this process's acquisition (identity and acquire time)."""
@@ -744,6 +882,7 @@ class Elector:
 
     def _took(self, observed: Observed, sent: float) -> None:
         """An acquiring write landed: we hold the lock, with this fencing token."""
+        self._took_lock = True
         self._wrote(observed, sent)
         self.fencing_token = observed.record.leader_transitions
 
@@ -765,19 +904,82 @@ class Elector:
         Runs forever while renewals succeed: cancel it to stop (a renewal in
         flight finishes first, bounded by the renew deadline). The lease is
         lost when no renewal succeeded within renew-deadline of the last
-        successful one being sent, or when another holder is seen. Each
-        request is bounded by the time left before that deadline. ``on_lost``
+        successful one being sent, or when another holder is seen, or the lock
+        object deleted (a watch reports both at once; renewals find them too).
+        Each request is bounded by the time left before that deadline. ``on_lost``
         runs synchronously the moment loss is decided (:meth:`holding` cancels
         the body's scope there).
         """
         if not self.is_holding:
             raise RuntimeError("keep_renewing() needs the lock to be held")
-        reason = await self._renew_until_lost()
-        self.lost_reason = reason
-        self._emit(Lost(reason=reason, held=self.held_for()))
-        if on_lost is not None:
-            on_lost(reason)
+        reason = ""
+        async with trio.open_nursery() as nursery:
+
+            async def until_lost(find_loss: Callable[[], Awaitable[str]]) -> None:
+                nonlocal reason
+                found = await find_loss()
+                if not reason:
+                    reason = found
+                    self.lost_reason = reason
+                    self._emit(Lost(reason=reason, held=self.held_for()))
+                    if on_lost is not None:
+                        on_lost(reason)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_lost, self._renew_until_lost)
+            nursery.start_soon(until_lost, self._watch_while_holding)
         return reason
+
+    def _lost_to_others(self, reason: str) -> str:
+        """The lock was taken, or its object deleted: others may hold it from now on."""
+        self.held_until = min(self.held_until, trio.current_time())
+        return reason
+
+    def _taken_by(self, record: LeaderElectionRecord) -> str:
+        holder = repr(record.holder_identity) if record.is_held else "nobody"
+        if record.holder_identity == self.identity:
+            holder = "another process with the same identity"
+        elif record.unreadable:
+            holder = "a record that does not parse"
+        return self._lost_to_others(f"the lock was taken over by {holder}")
+
+    async def _watch_while_holding(self) -> str:
+        """Return as soon as a watch shows the lock deleted or written by somebody else.
+
+        Never returns on errors: then the renewals decide.
+        """
+        bookmark = ""
+        from_now = False
+        while True:
+            held = self._observed
+            version = held.resource_version if held is not None and not from_now else ""
+            if bookmark and (not version or _is_older(version, bookmark)):
+                version = bookmark
+            from_now = False
+            opened = trio.current_time()
+            try:
+                async with aclosing(self.store.watch(version)) as changes:
+                    async for change in changes:
+                        if isinstance(change, Bookmark):
+                            bookmark = change.resource_version
+                        elif change is None:
+                            return self._lost_to_others("the lock object was deleted")
+                        elif not self._is_ours(change.record):
+                            known = self._observed
+                            if known is None or not _is_older(
+                                change.resource_version, known.resource_version
+                            ):
+                                return self._taken_by(change.record)
+            except Gone:
+                bookmark = ""
+                from_now = True
+                continue
+            except (Forbidden, Unauthorized):
+                await trio.sleep_forever()  # not allowed to watch: renewals find out
+            except ApiError:
+                pass
+            if trio.current_time() - opened < self.timing.retry_period:
+                await self._sleep_jittered()
 
     async def _renew_until_lost(self) -> str:
         next_attempt = self._last_renew_sent + self.timing.retry_period
@@ -815,11 +1017,13 @@ class Elector:
         """One renewal: kept, taken from us (the lease is lost), or failed (retry)."""
         current = self._observed
         assert current is not None
+        renewed: datetime | None = None  # now, unless the record would not change
         while True:
             record = self._record(
                 self.identity,
                 acquired=current.record.acquire_time,
                 transitions=current.record.leader_transitions,
+                renewed=renewed,
             )
             sent = trio.current_time()
             try:
@@ -831,23 +1035,26 @@ class Elector:
                 except ApiError as error:
                     return _Failed(str(error))
                 if fresh is None:
-                    return _Taken("the lock object was deleted")
+                    return _Taken(self._lost_to_others("the lock object was deleted"))
                 if not self._is_ours(fresh.record):
-                    holder = (
-                        repr(fresh.record.holder_identity) if fresh.record.is_held else "nobody"
-                    )
-                    if fresh.record.holder_identity == self.identity:
-                        holder = "another process with the same identity"
-                    elif fresh.record.unreadable:
-                        holder = "a record that does not parse"
                     self._observe(fresh)
-                    return _Taken(f"the lock was taken over by {holder}")
+                    return _Taken(self._taken_by(fresh.record))
                 current = fresh
                 continue
             except NotFound:
-                return _Taken("the lock object was deleted")
+                return _Taken(self._lost_to_others("the lock object was deleted"))
             except ApiError as error:
                 return _Failed(str(error))
+            if updated.record == current.record:
+                # Nothing waiters can see changed (a record in whole seconds renewed
+                # twice in one second, or a wall clock that stepped back): the server
+                # skipped the write, so it is no renewal. Once more, renewed a second
+                # after the record's renewTime, so that it changes.
+                if renewed is not None or current.record.renew_time is None:
+                    return _Failed("the renewal changed nothing in the record")
+                renewed = current.record.renew_time + timedelta(seconds=1)
+                current = updated
+                continue
             self._wrote(updated, sent)
             return _Kept()
 

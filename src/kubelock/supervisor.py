@@ -169,6 +169,8 @@ async def _wait_and_run(
                 signal.Signals(stopped_by).name,
                 "left the queue (the lock itself untouched)"
                 if elector.left_queue
+                else "released the lock its write had just taken"
+                if elector.gave_back
                 else "nothing written",
             )
             return 128 + stopped_by

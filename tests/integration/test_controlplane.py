@@ -20,7 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
+from kubelock.errors import EXIT_TIMEOUT
 from kubelock.testing import ControlPlane, IdentityFactory, InClusterFactory, process_alive
+
+from .kubelock_proc import spawn
 
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 LEASE_RULES = [
@@ -277,3 +280,34 @@ def test_a_sigkilled_owner_leaves_no_process(control_plane: ControlPlane, tmp_pa
             time.sleep(0.1)
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def test_kubelock_with_a_timeout_gives_up_on_its_own_while_the_api_server_is_down(
+    restores_control_plane: ControlPlane,
+    kubeconfig: Path,
+    admin: httpx.Client,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    # Issue 22: every call is bounded by what the election can afford, here the
+    # --timeout deadline; a call of the client's own default (30 s) outlived it.
+    plane = restores_control_plane
+    ran = tmp_path / "ran"
+    plane.stop_apiserver()
+    waiter = spawn(
+        ["--kubeconfig", str(kubeconfig), "--name", "outage", "--timeout", "3s", "touch", str(ran)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        try:
+            gave_up: int | None = waiter.wait(timeout=3 + 15)  # the deadline, and a wide margin
+        except subprocess.TimeoutExpired:
+            gave_up = None
+        plane.start_apiserver()
+        status = waiter.wait(timeout=60)
+    finally:
+        waiter.kill()
+    assert gave_up is not None, "kubelock was still waiting for the API server past --timeout"
+    assert status == EXIT_TIMEOUT
+    assert not ran.exists()
+    assert admin.get(f"{LEASES.format(namespace=namespace)}/outage").status_code == 404

@@ -113,8 +113,10 @@ async def test_api_server_stopped_while_holding_is_reported_as_loss_in_time(
                 **QUICK,
             ) as held:
                 await trio.sleep(2.5)
-                await trio.to_thread.run_sync(control_plane.stop_apiserver)
+                # When the stop begins: the holder's open watch makes the API server's
+                # graceful stop take seconds, and renewals fail from its start.
                 stopped_at.append(trio.current_time())
+                await trio.to_thread.run_sync(control_plane.stop_apiserver)
                 held_until.append(held.held_until)
                 await trio.sleep(60)
     finally:

@@ -19,6 +19,7 @@ from kubelock.kube.api import ApiClient, Target
 from kubelock.kube.auth import ClusterConfig, load_config
 from kubelock.locks import (
     LEADER_ANNOTATION,
+    Bookmark,
     ConfigMapLock,
     EndpointsLock,
     LeaderElectionRecord,
@@ -182,7 +183,7 @@ async def test_watch_sees_another_clients_update_and_the_deletion(
 
         async with ApiClient(admin_config) as elsewhere:
             other_client = make_lock(kind, elsewhere, "app", namespace)
-            changes: list[Observed | None] = []
+            changes: list[Observed | Bookmark | None] = []
             with trio.fail_after(30):
                 async with aclosing(lock.watch(created.resource_version)) as stream:
                     await other_client.update(record("pod-b", transitions=1), created)
@@ -192,7 +193,7 @@ async def test_watch_sees_another_clients_update_and_the_deletion(
                     )
                     changes.append(await anext(stream))
     first, deleted = changes
-    assert first is not None
+    assert isinstance(first, Observed)
     assert first.record.holder_identity == "pod-b"
     assert first.record.leader_transitions == 1
     assert deleted is None

@@ -185,3 +185,32 @@ def test_a_kubelock_killed_right_after_the_spawn_leaves_no_command_behind(
         if pid_file.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_held_lease_deleted_stops_its_command_before_a_newcomer_starts(
+    kubeconfig: Path, namespace: str, tmp_path: Path, admin: httpx.Client
+) -> None:
+    # kubectl delete lease while the command runs: a contender started right
+    # after finds no lock and creates it, so the old command must be gone first.
+    beats, log = Beats(tmp_path), tmp_path / "holds"
+    common = ["--kubeconfig", str(kubeconfig), "--name", "deleted", *SHORT]
+    holder = spawn(
+        [*common, "--id", "holder", "--grace-period", "60s", *beats.command()],
+        stderr=subprocess.PIPE,
+    )
+    newcomer: subprocess.Popen[str] | None = None
+    try:
+        wait_for(beats.started, what="the holder's command and its grandchild")
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/deleted"
+        admin.delete(path).raise_for_status()
+        newcomer = spawn([*common, "--id", "newcomer", *hold_command("newcomer", 0, log)])
+        assert holder.wait(timeout=60) == EXIT_LEASE_LOST
+        assert newcomer.wait(timeout=60) == 0
+        ((_, started, _),) = read_intervals(log)
+        assert beats.last() < started  # leader and grandchild both, before the next command
+        assert holder.stderr is not None
+        assert "deleted" in holder.stderr.read()
+    finally:
+        for process in (holder, newcomer):
+            if process is not None:
+                process.kill()

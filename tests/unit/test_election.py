@@ -255,12 +255,14 @@ async def test_a_hanging_renewal_is_cut_at_the_renew_deadline(
     assert a.held_until == pytest.approx(15)
 
 
+@pytest.mark.parametrize("watch", [True, False])
 async def test_holder_notices_when_another_identity_takes_the_lease(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, watch: bool
 ) -> None:
     backend = MemoryBackend()
     a = contender(backend, "a")
     await a.acquire()
+    memory_store(a).watch_forbidden = not watch
     async with trio.open_nursery() as nursery:
 
         async def intruder() -> None:
@@ -270,7 +272,9 @@ async def test_holder_notices_when_another_identity_takes_the_lease(
         nursery.start_soon(intruder)
         reason = await a.keep_renewing()
     assert "intruder" in reason
-    assert trio.current_time() == pytest.approx(4)  # the next renewal after t=3
+    # The holder's watch shows it at once; without a watch, the next renewal after t=3.
+    assert trio.current_time() == pytest.approx(3 if watch else 4)
+    assert a.held_until == pytest.approx(trio.current_time())  # others may hold it now
     assert not a.is_holding
     assert await a.release() is False  # nothing to give back
     assert backend.history[-1].by == "admin"
@@ -284,7 +288,8 @@ async def test_an_edit_that_keeps_the_holder_is_not_a_loss(
     await a.acquire()
     current = backend.current
     assert current is not None
-    backend.write(current.record)  # e.g. somebody added a label: new resourceVersion
+    # e.g. somebody added an annotation: new resourceVersion, the same record
+    backend.write(current.record, annotations={"example.com/note": "edited"})
     with trio.move_on_after(30):
         await a.keep_renewing()
     assert a.is_holding

@@ -10,13 +10,14 @@ from ..events import Observer
 from ..kube.api import ApiClient
 from ..kube.auth import ClusterConfig
 from .annotation import ConfigMapLock, EndpointsLock
-from .base import LockStore, Observed
+from .base import Bookmark, LockStore, Observed
 from .lease import ApiLock, LeaseLock
 from .record import LEADER_ANNOTATION, LeaderElectionRecord
 
 __all__ = [
     "LEADER_ANNOTATION",
     "ApiLock",
+    "Bookmark",
     "ConfigMapLock",
     "EndpointsLock",
     "LeaderElectionRecord",

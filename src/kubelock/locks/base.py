@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from .record import LeaderElectionRecord
 
 __all__ = [
+    "Bookmark",
     "LockStore",
     "Observed",
 ]
@@ -28,6 +29,18 @@ class Observed:
     record: LeaderElectionRecord
     resource_version: str
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bookmark:
+    """A watch's word that nothing changed up to ``resource_version``: resume from there.
+
+    The object's own resourceVersion stays as it was while nobody writes it,
+    and the server forgets old versions; a watch reopened from a bookmark's
+    version is not refused as too old (410 Gone).
+    """
+
+    resource_version: str
 
 
 class LockStore(Protocol):
@@ -78,8 +91,9 @@ class LockStore(Protocol):
         """
         ...
 
-    def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
-        """Changes after ``resource_version``: an ``Observed`` per change, ``None`` on deletion.
+    def watch(self, resource_version: str) -> AsyncGenerator[Observed | Bookmark | None, None]:
+        """Changes after ``resource_version``: an ``Observed`` per change, ``None`` on
+        deletion, a :class:`Bookmark` now and then. From ``""``: the current object first.
 
         The iterator ends when the server closes the watch; ``Gone`` when the
         version is too old. Callers close it with ``contextlib.aclosing``.

@@ -30,8 +30,8 @@ from typing import Any
 
 from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..kube.api import ApiClient, Target
-from .base import Observed
-from .record import UNREADABLE_RECORD, LeaderElectionRecord
+from .base import Bookmark, Observed
+from .record import UNREADABLE_RECORD, LeaderElectionRecord, annotations_of
 
 __all__ = [
     "ApiLock",
@@ -129,6 +129,10 @@ class ApiLock:
                     raise NotFound(
                         f"{self.describe()} was deleted", status_code=404, reason="NotFound"
                     ) from None
+                if self._shows(fresh, operations[1]["value"], annotations or {}):
+                    # Our own write: sent again after a lost answer (5xx, a dropped
+                    # connection), it landed the first time, so the test failed.
+                    return fresh
                 if self.record_value(fresh.raw) != self.record_value(current.raw):
                     raise Conflict(
                         f"the record of {self.describe()} changed since it was read",
@@ -141,6 +145,15 @@ class ApiLock:
                 continue
             return self._observed(patched)
         return await self._replace(record, current, annotations)
+
+    def _shows(
+        self, fresh: Observed, record_value: Any, annotations: Mapping[str, str | None]
+    ) -> bool:
+        """True when ``fresh`` is exactly what a write of ours would have made it."""
+        if self.record_value(fresh.raw) != record_value:
+            return False
+        present = annotations_of(fresh.raw)
+        return all(present.get(key) == value for key, value in annotations.items())
 
     def _compare_and_swap(
         self,
@@ -191,7 +204,14 @@ class ApiLock:
             merged = {**(metadata.get("annotations") or {}), **annotations}
             metadata["annotations"] = {k: v for k, v in merged.items() if v is not None}
         self.put_record(obj, record)
-        replaced = await self.api.replace(self.target, obj, timeout=self.timeout)
+        try:
+            replaced = await self.api.replace(self.target, obj, timeout=self.timeout)
+        except Conflict:
+            # A PUT sent again after a lost answer conflicts with its own first attempt.
+            fresh = await self.get()
+            if fresh is not None and self._shows(fresh, self.record_value(obj), annotations or {}):
+                return fresh
+            raise
         return self._observed(replaced)
 
     async def annotate(self, annotations: Mapping[str, str | None]) -> Observed:
@@ -199,7 +219,9 @@ class ApiLock:
         patched = await self.api.merge_patch(self.target, patch, timeout=self.timeout)
         return self._observed(patched)
 
-    async def watch(self, resource_version: str) -> AsyncGenerator[Observed | None, None]:
+    async def watch(
+        self, resource_version: str
+    ) -> AsyncGenerator[Observed | Bookmark | None, None]:
         events = self.api.watch(self.target, resource_version)
         async with aclosing(events):
             async for event in events:
@@ -209,7 +231,10 @@ class ApiLock:
                     yield None
                 elif kind in ("ADDED", "MODIFIED") and isinstance(obj, dict):
                     yield self._observed(obj)
-                # BOOKMARK: no change; the watch simply continues
+                elif kind == "BOOKMARK" and isinstance(obj, dict):
+                    version = (obj.get("metadata") or {}).get("resourceVersion")
+                    if version:
+                        yield Bookmark(str(version))
 
     def _observed(self, obj: dict[str, Any]) -> Observed:
         metadata = obj.get("metadata") or {}
