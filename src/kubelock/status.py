@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import trio
 
-from .locks.base import Observed
+from .locks.base import Bookmark, Observed
 from .locks.once import done_keys
 from .locks.queue import waiters
 from .locks.record import format_micro_time, utc_now
@@ -87,15 +87,22 @@ async def _watch(settings: Settings, out: TextIO) -> int:
     async with open_lock(config, settings.lock_type, settings.name, namespace) as store:
         observed = await store.get()
         show(observed)
+        # Where a reopened watch resumes: the newest version seen, a bookmark's included.
+        resume = observed.resource_version if observed is not None else ""
         while True:
             try:
-                version = observed.resource_version if observed is not None else ""
-                async with aclosing(store.watch(version)) as changes:
-                    async for observed in changes:
-                        show(observed)
+                async with aclosing(store.watch(resume)) as changes:
+                    async for change in changes:
+                        if isinstance(change, Bookmark):
+                            resume = change.resource_version
+                            continue
+                        show(change)
+                        if change is not None:
+                            resume = change.resource_version
             except Gone:
                 observed = await store.get()
                 show(observed)
+                resume = observed.resource_version if observed is not None else ""
 
 
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
