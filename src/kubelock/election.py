@@ -1018,6 +1018,13 @@ class Elector:
         current = self._observed
         assert current is not None
         renewed: datetime | None = None  # now, unless the record would not change
+        stored = current.record.renew_time
+        if stored is not None and self._wall_clock() <= stored:
+            # A wall clock that stepped back: renewTime still only grows. A record
+            # written again as it was earlier would look unchanged to a waiter that
+            # missed the versions between (it judges by content), and its lease
+            # would expire too early by that waiter's clock.
+            renewed = stored + timedelta(seconds=1)
         while True:
             record = self._record(
                 self.identity,

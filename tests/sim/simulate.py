@@ -27,6 +27,8 @@ itself, or was killed: after a lost lease, SIGTERM and a stop that takes a
 drawn time, but never past the safety deadline (the CLI's SIGKILL); after
 SIGKILL of its process, at once (the watchdog).
 
+``SIM_VERBOSE=1`` adds every election event and API request to the trace.
+
 Not modelled: a frozen process (SIGSTOP), whose command the real watchdog
 kills at the safety deadline; suspend; the supervisor's signal windows.
 """
@@ -38,6 +40,7 @@ import collections
 import dataclasses
 import functools
 import multiprocessing
+import os
 import random
 import resource
 import ssl
@@ -139,6 +142,7 @@ class World:
         self.clock_offsets: dict[str, float] = {}
         self.processes: dict[str, Process] = {}
         self.finished = trio.Event()
+        self.verbose = bool(os.environ.get("SIM_VERBOSE"))
 
     def log(self, who: str, what: str) -> None:
         self.trace.append(f"{trio.current_time():10.4f}  {who:4} {what}")
@@ -195,11 +199,15 @@ async def run_process(world: World, name: str, rng: random.Random) -> None:
         network.dead = False
 
         def observe(event: Event, who: str = name) -> None:
-            if isinstance(event, Acquired | Lost | Released):
+            if world.verbose or isinstance(event, Acquired | Lost | Released):
                 world.log(who, repr(event))
 
         with process.scope:
-            async with ApiClient(config, transport=ModelTransport(world.server, network)) as api:
+            async with ApiClient(
+                config,
+                transport=ModelTransport(world.server, network),
+                observer=observe if world.verbose else None,
+            ) as api:
                 store = make_lock(world.kind, api, "lock", "sim")
                 elector = Elector(
                     store,

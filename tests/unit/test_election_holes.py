@@ -8,6 +8,7 @@ real kube-apiserver in tests/integration/test_election_holes.py.
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,6 +113,35 @@ async def test_a_holder_whose_wall_clock_stands_still_keeps_its_renewals_visible
     # took over only after a stopped renewing and its lease ran out.
     assert a.lost_reason is None
     assert b_acquired_at[0] >= renewing_until
+
+
+async def test_a_wall_clock_stepped_back_never_writes_a_record_seen_before(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Found by the simulator (seed 1079): a holder's clock stepped back, so a
+    # renewal wrote renewTime 22 after 23, and the next one 23 again. A waiter
+    # that missed the version between saw "23" twice, judged the record
+    # unchanged, and took the lock while the holder's deadline still ran.
+    backend = MemoryBackend(whole_seconds=True)
+    offset = [0.0]
+
+    def stepping_clock() -> datetime:
+        return EPOCH + timedelta(seconds=trio.current_time() + offset[0])
+
+    a = Elector(MemoryLock(backend, "a"), "a", FAST, wall_clock=stepping_clock)
+    await a.acquire()
+    with trio.move_on_after(6):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.keep_renewing)
+            await trio.sleep(2.1)
+            offset[0] = -1.6  # the clock steps back
+    renewals = [write.record.renew_time for write in backend.history]
+    assert len(renewals) > 5
+    # Every record the holder wrote is new: its renewTime only grows.
+    for earlier, later in itertools.pairwise(renewals):
+        assert earlier is not None
+        assert later is not None
+        assert later > earlier
 
 
 LONG = ElectionTiming(lease_duration=600, renew_deadline=10, retry_period=2)
