@@ -98,10 +98,10 @@ def example(cluster: E2ECluster, say: Say, django_images: dict[str, str]) -> E2E
 def rendered(cluster: E2ECluster, postgres_image: str) -> list[dict[str, Any]]:
     """The example as `kubectl apply -k` applies it, with the PostgreSQL image at hand."""
     manifests = cluster.kubectl("kustomize", str(EXAMPLE))
-    listed = json.loads(
-        cluster.kubectl("create", "--dry-run=client", "-o", "json", "-f", "-", input=manifests)
+    printed = cluster.kubectl(
+        "create", "--dry-run=client", "-o", "json", "-f", "-", input=manifests
     )
-    objects: list[dict[str, Any]] = listed["items"]
+    objects = json_objects(printed)
     for obj in objects:
         pod_spec = obj.get("spec", {}).get("template", {}).get("spec", {})
         for container in pod_spec.get("containers", []):
@@ -335,3 +335,13 @@ def first_run_end(status: dict[str, Any]) -> dict[str, Any] | None:
         return ended
     ended = status.get("state", {}).get("terminated")
     return ended
+
+
+def json_objects(printed: str) -> list[dict[str, Any]]:
+    """The objects `kubectl ... -o json` prints one after the other for a multi-object input."""
+    decoder, objects, at = json.JSONDecoder(), [], 0
+    while at < len(printed.rstrip()):
+        obj, at = decoder.raw_decode(printed, at)
+        objects.append(obj)
+        at = len(printed) - len(printed[at:].lstrip())
+    return objects
