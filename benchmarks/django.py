@@ -13,7 +13,8 @@ Deployment of the example's app pointed at it, all replicas at once:
 
 It prints, per case, the time from `kubectl apply` until every Pod is Ready,
 how many `migrate` runs started (restarts of a failed init container
-included), and how many of them failed. One run per case: a rollout's time
+included), how many of them failed, and how many times the slow data
+migration ran (its rows in shop_migrationrun). One run per case: a rollout's time
 depends on the kubelet's restart back-off more than on anything measured here.
 """
 
@@ -57,11 +58,11 @@ def get(cluster: Cluster, *args: str) -> Any:
     return json.loads(cluster.kubectl("get", "-n", NAMESPACE, *args, "-o", "json"))
 
 
-def psql(cluster: Cluster, sql: str) -> None:
-    cluster.kubectl(
+def psql(cluster: Cluster, sql: str, database: str = "app") -> str:
+    return cluster.kubectl(
         "exec", "deploy/postgres", "-n", NAMESPACE, "--",
-        "psql", "-U", "app", "-d", "app", "-tAc", sql,
-    )  # fmt: skip
+        "psql", "-U", "app", "-d", database, "-tAc", sql,
+    ).strip()  # fmt: skip
 
 
 def set_up(cluster: Cluster, postgres_image: str) -> dict[str, Any]:
@@ -98,17 +99,20 @@ def rollout(cluster: Cluster, web: dict[str, Any], replicas: int, locked: bool) 
     deployment["spec"]["selector"] = {"matchLabels": {"app": name}}
     template = deployment["spec"]["template"]
     template["metadata"] = {"labels": {"app": name}}
-    fresh = {"name": "PGDATABASE", "value": database}
     migrate = template["spec"]["initContainers"][0]
     if not locked:
         migrate["command"] = PLAIN_MIGRATE
         migrate.pop("args", None)
+    # A version of its own: --once skips a version the lock records as done.
+    env = [{"name": "PGDATABASE", "value": database}, {"name": "APP_VERSION", "value": name}]
     for container in [migrate, *template["spec"]["containers"]]:
-        container["env"] = [*container.get("env", []), fresh]
+        container["env"] = env
 
     started = time.monotonic()
     apply(cluster, [deployment])
     while get(cluster, "deployment", name).get("status", {}).get("readyReplicas", 0) < replicas:
+        if time.monotonic() - started > 900:
+            raise SystemExit(f"{name}: not all {replicas} Pods Ready after 900 s")
         time.sleep(0.2)
     seconds = time.monotonic() - started
 
@@ -123,8 +127,20 @@ def rollout(cluster: Cluster, web: dict[str, Any], replicas: int, locked: bool) 
             runs += restarts + ("Operations to perform:" in log)
         else:
             runs += restarts + 1
+    # The slow data migration writes one row each time it runs to the end.
+    data_runs = int(psql(cluster, "SELECT count(*) FROM shop_migrationrun", database))
     cluster.kubectl("delete", "deployment", name, "-n", NAMESPACE, "--wait=true")
-    return {"seconds": seconds, "runs": runs, "failed": failed}
+    return {"seconds": seconds, "runs": runs, "failed": failed, "data_runs": data_runs}
+
+
+def json_objects(printed: str) -> list[dict[str, Any]]:
+    """The objects `kubectl ... -o json` prints one after the other for a multi-object input."""
+    decoder, objects, at = json.JSONDecoder(), [], 0
+    while at < len(printed.rstrip()):
+        obj, at = decoder.raw_decode(printed, at)
+        objects.append(obj)
+        at = len(printed) - len(printed[at:].lstrip())
+    return objects
 
 
 def main() -> None:
@@ -141,14 +157,14 @@ def main() -> None:
             cluster.load_image(docker_image=image)
         web = set_up(cluster, postgres_image)
         header = f"{'replicas':>8}  {'migrating':<16}  {'to all Ready':>12}  {'migrate runs':>12}"
-        print(f"{header}  failed")
+        print(f"{header}  failed  data migration ran")
         for replicas in options.replicas:
             for locked in (True, False):
                 result = rollout(cluster, web, replicas, locked)
                 way = "kubelock --once" if locked else "plain migrate"
                 print(
                     f"{replicas:>8}  {way:<16}  {result['seconds']:>10.1f} s"
-                    f"  {result['runs']:>12}  {result['failed']}",
+                    f"  {result['runs']:>12}  {result['failed']:>6}  {result['data_runs']}",
                     flush=True,
                 )
     finally:
@@ -157,13 +173,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def json_objects(printed: str) -> list[dict[str, Any]]:
-    """The objects `kubectl ... -o json` prints one after the other for a multi-object input."""
-    decoder, objects, at = json.JSONDecoder(), [], 0
-    while at < len(printed.rstrip()):
-        obj, at = decoder.raw_decode(printed, at)
-        objects.append(obj)
-        at = len(printed) - len(printed[at:].lstrip())
-    return objects
