@@ -98,3 +98,12 @@ test-tools:
             exit 1
         fi
     fi
+    # tests/integration/test_django.py starts a PostgreSQL server of its own: Debian's.
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${POSTGRES_BINDIR:-}" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql
+        else
+            echo "install postgresql, or set POSTGRES_BINDIR to the folder of initdb and pg_ctl" >&2
+            exit 1
+        fi
+    fi

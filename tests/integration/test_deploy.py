@@ -175,6 +175,7 @@ def test_the_kustomizations_are_all_found() -> None:
         "deploy/kustomize/base",
         "deploy/kustomize/components/configmaps",
         "deploy/kustomize/components/endpoints",
+        "examples/django",
         "examples/init-container",
         "examples/singleton",
     } <= names
