@@ -137,16 +137,34 @@ def steps(kind: str, name: str) -> list[Step]:
     ]
 
 
-def outcome(response: httpx.Response, before: str | None) -> tuple[Outcome, str | None]:
-    data = response.json() if response.content else {}
-    if data.get("kind") == "Status":
-        return (
-            Outcome(response.status_code, data.get("reason", ""), data.get("message", ""), None),
-            before,
-        )
-    version = (data.get("metadata") or {}).get("resourceVersion")
-    changed = None if before is None else version != before
-    return Outcome(response.status_code, "", "", changed), version
+class Record:
+    """The outcomes of the steps, and the versions the object went through."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.versions: list[str] = []
+
+    def see(self, response: httpx.Response) -> None:
+        data = response.json() if response.content else {}
+        if data.get("kind") == "Status":
+            self.outcomes.append(
+                Outcome(response.status_code, data.get("reason", ""), data.get("message", ""), None)
+            )
+            return
+        version = (data.get("metadata") or {}).get("resourceVersion")
+        changed = None if not self.versions else version != self.versions[-1]
+        self.outcomes.append(Outcome(response.status_code, "", "", changed))
+        if version is not None and (not self.versions or self.versions[-1] != version):
+            self.versions.append(version)
+
+    def watch_params(self, name: str) -> dict[str, str]:
+        """Every change after the object was created, as a watch from that version sees it."""
+        return {
+            "watch": "true",
+            "fieldSelector": f"metadata.name={name}",
+            "resourceVersion": self.versions[0],
+            "timeoutSeconds": "2",
+        }
 
 
 def generic(outcomes: list[Outcome]) -> list[Outcome]:
@@ -186,59 +204,33 @@ def run_real(
     admin: httpx.Client, kind: str, namespace: str, name: str
 ) -> tuple[list[Outcome], list[str]]:
     base = PATHS[kind].format(namespace=namespace, name=name)
-    outcomes: list[Outcome] = []
-    versions: list[str] = []
-    current: str | None = None
+    record = Record()
     for step in steps(kind, name):
-        response = admin.request(**request_of(step, base, versions))
-        found, current = outcome(response, current)
-        if current is not None and (not versions or versions[-1] != current):
-            versions.append(current)
-        outcomes.append(found)
-    # Every change after the object was created, as a watch from that version sees it.
+        record.see(admin.request(**request_of(step, base, record.versions)))
     collection = base.rsplit("/", 1)[0]
-    params = {
-        "watch": "true",
-        "fieldSelector": f"metadata.name={name}",
-        "resourceVersion": versions[0],
-        "timeoutSeconds": "2",
-    }
+    params = record.watch_params(name)
     with admin.stream("GET", collection, params=params, timeout=30) as stream:
         lines = list(stream.iter_lines())
-    return outcomes, watch_types(lines)
+    return record.outcomes, watch_types(lines)
 
 
 def run_model(kind: str, namespace: str, name: str) -> tuple[list[Outcome], list[str]]:
     base = PATHS[kind].format(namespace=namespace, name=name)
-    results: dict[str, Any] = {}
+    record = Record()
+    lines: list[str] = []
 
     async def main() -> None:
-        server = ApiServerModel()
-        transport = ModelTransport(server, Faults(rng=random.Random(0), latency=0))
+        transport = ModelTransport(ApiServerModel(), Faults(rng=random.Random(0), latency=0))
         async with httpx.AsyncClient(base_url="https://model.invalid", transport=transport) as api:
-            outcomes: list[Outcome] = []
-            versions: list[str] = []
-            current: str | None = None
             for step in steps(kind, name):
-                response = await api.request(**request_of(step, base, versions))
-                found, current = outcome(response, current)
-                if current is not None and (not versions or versions[-1] != current):
-                    versions.append(current)
-                outcomes.append(found)
+                record.see(await api.request(**request_of(step, base, record.versions)))
             collection = base.rsplit("/", 1)[0]
-            params = {
-                "watch": "true",
-                "fieldSelector": f"metadata.name={name}",
-                "resourceVersion": versions[0],
-                "timeoutSeconds": "2",
-            }
+            params = record.watch_params(name)
             async with api.stream("GET", collection, params=params) as stream:
-                lines = [line async for line in stream.aiter_lines()]
-            results["outcomes"] = outcomes
-            results["events"] = watch_types(lines)
+                lines.extend([line async for line in stream.aiter_lines()])
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    return results["outcomes"], results["events"]
+    return record.outcomes, watch_types(lines)
 
 
 @pytest.mark.parametrize("kind", ["leases", "endpoints", "configmaps"])
