@@ -5,15 +5,16 @@ applied, and the story is checked as a user would see it: the migrations ran
 one Pod at a time and only once, every Pod became Ready, and each init
 container's log shows that it waited for the lock or ran the migrations. Then:
 a rollout restart finds nothing to do; a rolling update to a new image tag
-migrates again, one Pod at a time; the token kubelock uses is the projected
-one the kubelet requested for the Pod; and a Pod deleted while its init
-container holds the lock passes the kubelet's SIGTERM to the migration,
-releases the lock, and the next Pod's migration starts within a second.
+migrates again, one Pod at a time; only the init container has the
+ServiceAccount token kubelock uses (the projected one the kubelet requested for
+the Pod), and no credential in the app container can read or write the lock;
+and a Pod deleted while its init container holds the lock passes the kubelet's
+SIGTERM to the migration, releases the lock, and the next Pod's migration
+starts within a second.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -22,6 +23,8 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+
+from kubelock.kube.auth import SERVICEACCOUNT_DIR
 
 from ..integration.test_deploy import MIGRATIONS, assert_migrated_one_at_a_time
 from .clusters import E2ECluster, Say, command, wait_for
@@ -33,8 +36,41 @@ EXAMPLE = REPO / "examples" / "init-container"
 NAMESPACE = "kubelock-example"
 DEPLOYMENT = "deployment/example-app"
 REPLICAS = 3
-SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:kubelock"
 _STAMP = re.compile(r"^kubelock: (\S+Z) (.*)$")
+# Run in the app container: is there a token where kubelock's would be, and what
+# does the API server answer to each credential the container has, reading the
+# Lease and annotating it as a forger of done KEYs would?
+TRY_THE_LOCK = """
+import json, os, ssl, sys, urllib.error, urllib.request
+lock_folder, lock = sys.argv[1:3]
+host = os.environ["KUBERNETES_SERVICE_HOST"]
+base = f"https://[{host}]" if ":" in host else f"https://{host}"
+base += f":{os.environ['KUBERNETES_SERVICE_PORT']}"
+answers = {}
+for entry in sorted(os.listdir("/var/run/secrets")):
+    folder = os.path.join("/var/run/secrets", entry)
+    if not os.path.isfile(os.path.join(folder, "token")):
+        continue
+    read = lambda name: open(os.path.join(folder, name)).read().strip()
+    url = f"{base}/apis/coordination.k8s.io/v1/namespaces/{read('namespace')}/leases/{lock}"
+    tls = ssl.create_default_context(cafile=os.path.join(folder, "ca.crt"))
+    answers[folder] = {}
+    for verb, method, body in [
+        ("get", "GET", None),
+        ("patch", "PATCH", b'{"metadata":{"annotations":{"kubelock.io/e2e-forged":"x"}}}'),
+    ]:
+        request = urllib.request.Request(url, method=method, data=body, headers={
+            "Authorization": "Bearer " + read("token"),
+            "Content-Type": "application/merge-patch+json",
+        })
+        try:
+            with urllib.request.urlopen(request, context=tls, timeout=10) as answer:
+                answers[folder][verb] = answer.status
+        except urllib.error.HTTPError as error:
+            answers[folder][verb] = error.code
+present = os.path.exists(os.path.join(lock_folder, "token"))
+print(json.dumps({"lock_token_present": present, "answers": answers}))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -157,49 +193,56 @@ def test_a_rolling_update_to_a_new_tag_migrates_one_pod_at_a_time(
     assert [run.outcome for run in runs[1:]] == ["nothing to do"] * (REPLICAS - 1)
 
 
-def test_kubelock_uses_the_projected_token_the_kubelet_requested(example: E2ECluster) -> None:
+def test_only_the_init_container_has_the_lock_token_and_the_app_cannot_write_the_lock(
+    example: E2ECluster,
+) -> None:
     pod = pods(example)[0]
     name = pod["metadata"]["name"]
-    # No hand-made credential: no token Secret, no Secret volume; the one
-    # ServiceAccount volume is the projected, kubelet-rotated token.
-    secrets = example.json("get", "secrets", "-n", NAMESPACE)["items"]
-    assert [s for s in secrets if s["type"] == "kubernetes.io/service-account-token"] == []
-    volumes = pod["spec"]["volumes"]
-    assert not [v for v in volumes if "secret" in v], volumes
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    # The one ServiceAccount token volume is the projected, kubelet-rotated
+    # token, mounted in `migrate` alone, where kubelock's in-cluster auth reads it.
     projected = [
-        source["serviceAccountToken"]
-        for volume in volumes
-        for source in volume.get("projected", {}).get("sources", [])
-        if "serviceAccountToken" in source
-    ]
-    assert len(projected) == 1, volumes
-    migrate = pod["spec"]["initContainers"][0]
-    mounts = [m["mountPath"] for m in migrate["volumeMounts"]]
-    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts, mounts
-
-    # The token in the Pod is bound to it: only the kubelet's TokenRequest makes such.
-    token = example.kubectl(
-        "exec", name, "-n", NAMESPACE, "-c", "app", "--",
-        "cat", "/var/run/secrets/kubernetes.io/serviceaccount/token",
-    ).strip()  # fmt: skip
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    assert claims["sub"] == SERVICE_ACCOUNT
-    assert claims["kubernetes.io"]["pod"]["name"] == name
-    review = json.loads(
-        example.kubectl(
-            "create", "-o", "json", "-f", "-",
-            input=json.dumps(
-                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                 "spec": {"token": token}}
-            ),
+        volume
+        for volume in spec["volumes"]
+        if any(
+            "serviceAccountToken" in source
+            for source in volume.get("projected", {}).get("sources", [])
         )
-    )  # fmt: skip
-    assert review["status"]["authenticated"] is True
-    assert review["status"]["user"]["username"] == SERVICE_ACCOUNT
-    assert review["status"]["user"]["extra"]["authentication.kubernetes.io/pod-name"] == [name]
+    ]
+    assert len(projected) == 1, spec["volumes"]
+    mounted = {
+        container["name"]: mount["mountPath"]
+        for container in [*spec["initContainers"], *spec["containers"]]
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] == projected[0]["name"]
+    }
+    assert mounted == {"migrate": SERVICEACCOUNT_DIR}, mounted
     # With that credential and no other, this Pod's kubelock took the lock.
     assert "acquired the lock" in init_log(example, name)
+
+    # No Secret holds a token of kubelock's account: the one token Secret is the
+    # app's database credential.
+    secrets = example.json("get", "secrets", "-n", NAMESPACE)["items"]
+    token_owners = [
+        s["metadata"]["annotations"]["kubernetes.io/service-account.name"]
+        for s in secrets
+        if s["type"] == "kubernetes.io/service-account-token"
+    ]
+    assert token_owners == ["example-db"], token_owners
+
+    # From inside the running app: no token at kubelock's folder, and every
+    # credential it does have is refused the Lease.
+    tried = json.loads(
+        example.kubectl(
+            "exec", name, "-n", NAMESPACE, "-c", "app", "--",
+            "python3", "-c", TRY_THE_LOCK, SERVICEACCOUNT_DIR, "migrations",
+        )
+    )  # fmt: skip
+    assert tried["lock_token_present"] is False, tried
+    assert tried["answers"] == {"/var/run/secrets/example-db": {"get": 403, "patch": 403}}, tried
+    lease = example.json("get", "lease", "migrations", "-n", NAMESPACE)
+    assert "kubelock.io/e2e-forged" not in lease["metadata"].get("annotations", {})
 
 
 def test_a_pod_deleted_while_holding_the_lock_hands_over_within_a_second(

@@ -6,11 +6,14 @@ and a liveness probe on `/healthz`. Checked: the holder's and the standby's
 on the local cluster, from the host, which routes to the Pod network); and
 with the API server stopped for longer than the renew deadline, kubelock stops
 the worker and exits 75, the kubelet restarts the container, and once the API
-server is back the new container holds the lock again.
+server is back the new container holds the lock again. Also: kubelock's
+container runs with the projected ServiceAccount token the kubelet requested
+for its Pod (bound to the Pod, checked by a TokenReview), and no other.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -21,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from kubelock.kube.auth import SERVICEACCOUNT_DIR
+
 from .clusters import E2ECluster, Say, wait_for
 from .conftest import REPO
 
@@ -28,6 +33,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 EXAMPLE = REPO / "examples" / "singleton"
 NAMESPACE = "kubelock-singleton"
+SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:kubelock"
 DEPLOYMENT = "deployment/scheduler"
 METRICS_PORT = 9100
 RENEW_DEADLINE = 10.0  # kubelock's default, which the example keeps
@@ -117,6 +123,56 @@ def test_healthz_and_metrics_answer_on_the_pod_ips(singleton: E2ECluster, say: S
         scraped = httpx.get(urls[holder, "/metrics"], timeout=5, trust_env=False)
         assert scraped.status_code == 200
         assert gauge(scraped.text, "kubelock_lock_held") == 1
+
+
+def test_kubelock_runs_with_the_projected_token_bound_to_its_pod(singleton: E2ECluster) -> None:
+    (pod, *_) = wait_for(lambda: pods(singleton), what="a scheduler Pod")
+    name = pod["metadata"]["name"]
+    spec = pod["spec"]
+    # No token by default; the one container, kubelock's, mounts the projected
+    # token where in-cluster auth reads it. No Secret holds a token.
+    assert spec["automountServiceAccountToken"] is False
+    assert not [volume for volume in spec["volumes"] if "secret" in volume], spec["volumes"]
+    (container,) = spec["containers"]
+    projected = {
+        volume["name"]
+        for volume in spec["volumes"]
+        for source in volume.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in source
+    }
+    mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in projected]
+    assert mounts == [SERVICEACCOUNT_DIR], container["volumeMounts"]
+    secrets = singleton.json("get", "secrets", "-n", NAMESPACE)["items"]
+    assert [s for s in secrets if s["type"] == "kubernetes.io/service-account-token"] == []
+
+    # The token in the Pod is bound to it: only the kubelet's TokenRequest makes such.
+    token = singleton.kubectl(
+        "exec", name, "-n", NAMESPACE, "--", "cat", f"{SERVICEACCOUNT_DIR}/token"
+    ).strip()
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["sub"] == SERVICE_ACCOUNT
+    assert claims["kubernetes.io"]["pod"]["name"] == name
+    review = json.loads(
+        singleton.kubectl(
+            "create", "-o", "json", "-f", "-",
+            input=json.dumps(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                 "spec": {"token": token}}
+            ),
+        )
+    )  # fmt: skip
+    assert review["status"]["authenticated"] is True
+    assert review["status"]["user"]["username"] == SERVICE_ACCOUNT
+    assert review["status"]["user"]["extra"]["authentication.kubernetes.io/pod-name"] == [name]
+    # With that credential and no other, this Pod's kubelock contends for the lock.
+    wait_for(
+        lambda: any(
+            words in singleton.kubectl("logs", name, "-n", NAMESPACE)
+            for words in ("acquired the lock", "waiting for the lock")
+        ),
+        what=f"{name}'s kubelock to take the lock or wait for it",
+    )
 
 
 def test_an_api_server_outage_past_the_renew_deadline_exits_75_and_the_restart_retakes(

@@ -16,6 +16,11 @@ Against the real kube-apiserver:
   benchmarks/ for hand-off latency, not an assert here). `patch` may be
   replaced by `update` (a Role written for the Go kubelock): the lock still
   lives its life, written by PUT, and waiters wait outside the queue;
+- every example's workloads are admitted, without a warning, in a namespace
+  enforcing Pod Security "restricted" (as the examples' own namespaces do), and
+  only the container that runs kubelock mounts the ServiceAccount token that
+  may write the lock: the app containers cannot take the lock or forge a done
+  KEY;
 - the init-container example's story: three "Pods" (processes with a Pod's
   in-cluster environment, running the init container's own command) migrate
   one at a time, and only the first finds anything to do.
@@ -28,6 +33,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import subprocess
 from collections.abc import Sequence
 from datetime import datetime
@@ -37,6 +43,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kubelock.kube.auth import SERVICEACCOUNT_DIR
 from kubelock.testing import ControlPlane
 
 from .kubelock_proc import (
@@ -53,6 +60,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy" / "kustomize" / "base"
 COMPONENTS = REPO / "deploy" / "kustomize" / "components"
 EXAMPLE = REPO / "examples" / "init-container"
+EXAMPLES = sorted(path.parent for path in (REPO / "examples").glob("*/kustomization.yaml"))
 
 LOCK_NAME = "example-app"  # kubelock's default --name, and the base Role's resourceNames
 VERBS = ("get", "create", "patch", "watch")
@@ -426,6 +434,166 @@ def test_with_update_instead_of_patch_the_lock_lives_and_waiters_wait_outside_th
     assert re.search(r"API update: 200", results["first"].stderr), show(results)
 
 
+# -- the examples' Pods: Pod Security "restricted", the lock's token only for kubelock --
+
+
+def pod_templates(objects: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Pod template of every workload among `objects`, by `Kind/name`."""
+    templates = {}
+    for found in objects:
+        spec = found.get("spec", {})
+        template = spec.get("jobTemplate", {}).get("spec", {}).get("template") or spec.get(
+            "template"
+        )
+        if found["kind"] != "PodTemplate" and template is not None:
+            templates[f"{found['kind']}/{found['metadata']['name']}"] = template
+    return templates
+
+
+def runs_kubelock(container: dict[str, Any]) -> bool:
+    return [*container.get("command", []), *container.get("args", [])][:1] == ["kubelock"]
+
+
+def lock_name(container: dict[str, Any]) -> str:
+    argv = [*container.get("command", []), *container.get("args", [])]
+    return argv[argv.index("--name") + 1] if "--name" in argv else LOCK_NAME
+
+
+def projects_a_token(volume: dict[str, Any]) -> bool:
+    sources = volume.get("projected", {}).get("sources", [])
+    return any("serviceAccountToken" in source for source in sources)
+
+
+def dry_run_pod(admin: httpx.Client, namespace: str, spec: dict[str, Any]) -> httpx.Response:
+    """Ask the API server to admit a Pod with `spec`, without creating it."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "admitted"}, "spec": spec}
+    return admin.post(f"/api/v1/namespaces/{namespace}/pods", params={"dryRun": "All"}, json=pod)
+
+
+def assert_only_kubelock_mounts_the_token(where: str, spec: dict[str, Any]) -> None:
+    """No container of the Pod `spec` gets the token by default; the ones running
+    kubelock mount it where in-cluster auth reads it; no other container has it."""
+    assert spec.get("automountServiceAccountToken") is False, where
+    volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+    containers = [*spec.get("initContainers", []), *spec["containers"]]
+    assert any(runs_kubelock(c) for c in containers), f"{where} runs no kubelock"
+    for container in containers:
+        named = f"{where} container {container['name']}"
+        mounts = container.get("volumeMounts", [])
+        tokens = [m for m in mounts if projects_a_token(volumes[m["name"]])]
+        # Anything mounted at the folder, above or inside it, puts or hides a token there.
+        at_the_folder = [
+            m
+            for m in mounts
+            if (SERVICEACCOUNT_DIR + "/").startswith(m["mountPath"].rstrip("/") + "/")
+            or m["mountPath"].startswith(SERVICEACCOUNT_DIR + "/")
+        ]
+        if not runs_kubelock(container):
+            assert tokens == [], named
+            assert at_the_folder == [], named
+            continue
+        assert len(tokens) == 1, named
+        assert tokens == at_the_folder, named
+        (mount,) = tokens
+        assert mount["mountPath"] == SERVICEACCOUNT_DIR, named
+        assert mount.get("readOnly") is True, named
+        # What automounting would have put there: token, ca.crt, namespace.
+        sources = volumes[mount["name"]]["projected"]["sources"]
+        token = {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}
+        assert token in sources, named
+        assert {
+            "configMap": {
+                "name": "kube-root-ca.crt",
+                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+            }
+        } in sources, named
+        assert {
+            "downwardAPI": {
+                "items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+            }
+        } in sources, named
+
+
+def assert_no_other_credential_opens_the_lock(
+    admin: httpx.Client,
+    namespace: str,
+    where: str,
+    spec: dict[str, Any],
+    objects: Sequence[dict[str, Any]],
+) -> None:
+    """The ServiceAccount tokens in Secrets the Pod mounts (the app's "database
+    password") are of other accounts, none of which may touch the lock."""
+    account = spec["serviceAccountName"]
+    locks = sorted(
+        {
+            lock_name(c)
+            for c in [*spec.get("initContainers", []), *spec["containers"]]
+            if runs_kubelock(c)
+        }
+    )
+    mounted = {volume.get("secret", {}).get("secretName") for volume in spec.get("volumes", [])}
+    others = sorted(
+        {
+            found["metadata"]["annotations"]["kubernetes.io/service-account.name"]
+            for found in objects
+            if found["kind"] == "Secret"
+            and found.get("type") == "kubernetes.io/service-account-token"
+            and found["metadata"]["name"] in mounted
+        }
+    )
+    assert account not in others, where
+    user = f"system:serviceaccount:{namespace}:{account}"
+
+    def the_account_may_patch_its_locks() -> bool:
+        return all(
+            allowed(admin, namespace, user, "patch", "coordination.k8s.io", "leases", lock)
+            for lock in locks
+        )
+
+    # Asked only once RBAC answers for the Role just made: a "no" then means no.
+    wait_for(the_account_may_patch_its_locks, what=f"RBAC to allow {account} its lock")
+    for other, lock, verb in itertools.product(others, locks, VERBS):
+        other_user = f"system:serviceaccount:{namespace}:{other}"
+        may = allowed(admin, namespace, other_user, verb, "coordination.k8s.io", "leases", lock)
+        assert not may, f"{where}: {other} may {verb} the lock {lock}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: str(path.relative_to(REPO)))
+def test_each_example_passes_pod_security_restricted_and_only_kubelock_gets_the_token(
+    control_plane: ControlPlane, admin: httpx.Client, tmp_path: Path, example: Path
+) -> None:
+    # The example as it is, in a namespace of its own: its Namespace object is
+    # renamed to it, keeping the example's own Pod Security labels.
+    namespace = f"restricted-{example.name}-{secrets.token_hex(3)}"
+    rendered, objects = render(
+        control_plane, overlay(tmp_path / "example", resources=[example], namespace=namespace)
+    )
+    labels = the_one(objects, "Namespace", namespace)["metadata"].get("labels", {})
+    assert labels.get("pod-security.kubernetes.io/enforce") == "restricted", labels
+
+    applied = control_plane.kubectl("apply", "-f", "-", input=rendered)
+    # kubectl prints the API server's warnings ("would violate PodSecurity ...").
+    assert "warning" not in applied.stderr.lower(), applied.stderr
+    templates = pod_templates(objects)
+    assert templates, f"{example} has no workload"
+    # The namespace does enforce the profile: a Pod with no securityContext is refused.
+    account = next(iter(templates.values()))["spec"]["serviceAccountName"]
+    bare = {"serviceAccountName": account, "containers": [{"name": "bare", "image": "bare"}]}
+    refused = dry_run_pod(admin, namespace, bare)
+    assert refused.status_code == 403, refused.text
+    assert "violates PodSecurity" in refused.text, refused.text
+    for workload, template in templates.items():
+        # The Pod its controller would create (none runs here): admitted, no warning.
+        admitted = dry_run_pod(admin, namespace, template["spec"])
+        assert admitted.status_code == 201, f"{workload}: {admitted.text}"
+        assert admitted.headers.get_list("warning") == [], workload
+
+        assert_only_kubelock_mounts_the_token(workload, template["spec"])
+        assert_no_other_credential_opens_the_lock(
+            admin, namespace, workload, template["spec"], objects
+        )
+
+
 # -- the init-container example's story ----------------------------------------------
 
 
@@ -477,12 +645,18 @@ def test_the_example_pods_migrate_one_at_a_time_and_only_the_first_finds_work(
         "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
     )
     user = f"system:serviceaccount:{namespace}:kubelock"
+    database_user = f"system:serviceaccount:{namespace}:example-db"
     wait_for(
         lambda: (
             allowed(admin, namespace, user, "patch", "coordination.k8s.io", "leases", "migrations")
-            and allowed(admin, namespace, user, "update", "", "configmaps", "example-db")
+            and allowed(admin, namespace, database_user, "update", "", "configmaps", "example-db")
         ),
-        what="RBAC to allow the example's ServiceAccount its lock and its database",
+        what="RBAC to allow kubelock its lock and the app its database",
+    )
+    # Each its own: kubelock's token opens no database, the database's opens no lock.
+    assert not allowed(admin, namespace, user, "get", "", "configmaps", "example-db")
+    assert not allowed(
+        admin, namespace, database_user, "patch", "coordination.k8s.io", "leases", "migrations"
     )
 
     # The init container exactly as deployment.yaml has it, with the image's
@@ -491,6 +665,7 @@ def test_the_example_pods_migrate_one_at_a_time_and_only_the_first_finds_work(
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "kubelock"
     (init,) = [container for container in pod["initContainers"] if container["name"] == "migrate"]
+    (database_mount,) = [m for m in init["volumeMounts"] if m["name"] == "database-credentials"]
     argv = [*init["command"], *init["args"]]
     assert argv[0] == "kubelock"
     argv = [arg.replace("/app/", f"{EXAMPLE / 'app'}/") for arg in argv[1:]]
@@ -501,7 +676,16 @@ def test_the_example_pods_migrate_one_at_a_time_and_only_the_first_finds_work(
     processes = []
     for name in pods:
         env = control_plane.in_cluster_environment(namespace, "kubelock", tmp_path / name)
-        env |= {"HOSTNAME": name, "POD_NAME": name, "SECONDS_PER_MIGRATION": "1.5"}
+        # The Secret `example-db-credentials` as the Pod mounts it (no token
+        # controller runs here to fill the Secret in: a token of the same account).
+        credentials = tmp_path / name / database_mount["mountPath"].lstrip("/")
+        control_plane.in_cluster_environment(namespace, "example-db", credentials)
+        env |= {
+            "HOSTNAME": name,
+            "POD_NAME": name,
+            "SECONDS_PER_MIGRATION": "1.5",
+            "DATABASE_CREDENTIALS": str(credentials),
+        }
         processes.append(
             subprocess.Popen(
                 kubelock_argv(*argv),

@@ -12,9 +12,11 @@ so after the first run the others find nothing to do. It also checks the
 claim kubelock makes: every write carries the resourceVersion it read, so
 when two runs overlap, a write conflicts and its run says OVERLAP and fails.
 
-Talks to the API server as the Pod's ServiceAccount, with the standard
-library only. `KUBELOCK_SERVICEACCOUNT_DIR` moves the ServiceAccount folder,
-as it does for kubelock (tests emulate a Pod that way).
+Talks to the API server with the standard library only, as the ServiceAccount
+`example-db` (the app's "database password", see database.yaml), whose token,
+CA and namespace are mounted at /var/run/secrets/example-db; never with the
+Pod's own ServiceAccount, kubelock's, which may write the lock.
+`DATABASE_CREDENTIALS` moves that folder (tests emulate a Pod that way).
 """
 
 from __future__ import annotations
@@ -35,9 +37,7 @@ from typing import Any
 MIGRATIONS = ("0001_initial", "0002_customer_email", "0003_order_index")
 SECONDS_PER_MIGRATION = float(os.environ.get("SECONDS_PER_MIGRATION", "2"))
 DATABASE = os.environ.get("DATABASE_CONFIGMAP", "example-db")
-ACCOUNT = Path(
-    os.environ.get("KUBELOCK_SERVICEACCOUNT_DIR") or "/var/run/secrets/kubernetes.io/serviceaccount"
-)
+ACCOUNT = Path(os.environ.get("DATABASE_CREDENTIALS") or "/var/run/secrets/example-db")
 POD = os.environ.get("POD_NAME") or socket.gethostname()
 
 
