@@ -86,7 +86,7 @@ from .events import (
 )
 from .locks.base import Bookmark, LockStore, Observed
 from .locks.handoff import handoff_annotation, handoff_window, next_window
-from .locks.once import DoneKey, done_annotation, find_done
+from .locks.once import DoneKey, describe_done, done_annotation, find_done
 from .locks.queue import (
     TURN_TIMEOUT,
     Waiter,
@@ -1150,9 +1150,3 @@ class Elector:
                 return False
             except ApiError:
                 return False
-
-
-def describe_done(done: DoneKey) -> str:
-    """``done by 'pod-a' at 2026-...Z (fencing token 3)``, for messages."""
-    at = f" at {done.at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if done.at is not None else ""
-    return f"done by {done.by!r}{at} (fencing token {done.fencing_token})"
