@@ -59,6 +59,7 @@ from datetime import datetime, timedelta
 
 import trio
 
+from ._election.view import DELETED, View, is_older
 from .errors import (
     AlreadyDone,
     ApiError,
@@ -120,24 +121,8 @@ FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
 SAFETY_MARGIN = 1.0
 
 
-#: The resourceVersion of a lock object seen deleted while it was held.
-_DELETED = "deleted"
-
-
 def _no_observer(event: Event) -> None:
     pass
-
-
-def _is_older(version: str, than: str) -> bool:
-    """True when resourceVersion ``version`` is surely older than ``than``.
-
-    Kubernetes calls resourceVersions opaque; every API server in use (etcd's
-    revision) writes them as growing integers, which is all this relies on.
-    Anything else compares as not older, so it is taken as new.
-    """
-    if not (version.isdigit() and than.isdigit()):
-        return False
-    return int(version) < int(than)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +215,7 @@ class Elector:
         self._succeeded = False
 
         # What this contender last saw, and when (local monotonic) it last changed.
-        self._observed: Observed | None = None
-        self._observed_time = -math.inf
+        self._view = View(self.timing.lease_duration)
         # A newer record delivered by the watch, not yet acted upon.
         self._changed = trio.Event()
         # When the watch last delivered anything: while it keeps delivering the
@@ -425,7 +409,7 @@ class Elector:
                 with trio.move_on_at(give_up_at):
                     await self._sleep_jittered()
                 continue
-            record = self._observed.record if self._observed else None
+            record = self._view.observed.record if self._view.observed else None
             self._give_up_if_due(give_up_at, self._holder_text())
             now = trio.current_time()
             # Reported while somebody holds it (a free lock is a hand-off under way).
@@ -440,8 +424,8 @@ class Elector:
                 last_report_holder = record.holder_identity
                 last_report_time = now
                 ahead = None
-                if self._joined and self._observed is not None:
-                    raw = self._observed.raw
+                if self._joined and self._view.observed is not None:
+                    raw = self._view.observed.raw
                     ahead = len(ahead_of(raw, self.identity, record.holder_identity))
                 self._emit(
                     Waiting(
@@ -465,7 +449,7 @@ class Elector:
             )
 
     def _holder_text(self) -> str:
-        record = self._observed.record if self._observed else None
+        record = self._view.observed.record if self._view.observed else None
         if record is None or not record.is_held:
             return "it was taken by somebody else"
         if record.unreadable:
@@ -476,24 +460,13 @@ class Elector:
         """Sleep until the watch reports a change, the lease expires, or the poll is due."""
         poll = self.timing.retry_period * (1 + self._rng.random() * JITTER_FACTOR)
         wake_at = min(trio.current_time() + poll, give_up_at)
-        expiry = self._expiry()
+        expiry = self._view.expiry()
         if expiry is not None and expiry > trio.current_time():
             wake_at = min(wake_at, expiry)
         if self._write_at > trio.current_time():
             wake_at = min(wake_at, self._write_at)
         with trio.move_on_at(wake_at):
             await self._changed.wait()
-
-    def _expiry(self) -> float | None:
-        """Local time at which the observed lease expires (None when not held by anyone)."""
-        if self._observed is None or not self._observed.record.is_held:
-            return None
-        record = self._observed.record
-        # A record that does not parse names no lease: count this contender's own.
-        duration = (
-            self.timing.lease_duration if record.unreadable else record.lease_duration_seconds
-        )
-        return self._observed_time + duration
 
     async def _watch(self) -> None:
         """Feed changes of the lock object into the waiting loop; restart when dropped.
@@ -508,11 +481,11 @@ class Elector:
         bookmark = ""
         from_now = False
         while True:
-            observed = self._observed
+            observed = self._view.observed
             version = observed.resource_version if observed and not from_now else ""
-            if version == _DELETED:
+            if version == DELETED:
                 version = ""
-            if bookmark and (not version or _is_older(version, bookmark)):
+            if bookmark and (not version or is_older(version, bookmark)):
                 version = bookmark
             from_now = False
             opened = trio.current_time()
@@ -524,9 +497,9 @@ class Elector:
                             bookmark = change.resource_version
                             continue
                         if change is None:
-                            self._saw_deleted()
+                            self._view.saw_deleted()
                         else:
-                            self._observe(change)
+                            self._view.observe(change)
                         self._last_watch_event = trio.current_time()
                         self._changed.set()
             except Gone:
@@ -559,34 +532,6 @@ class Elector:
             else:
                 quick_closes = 0
 
-    def _saw_deleted(self) -> None:
-        """The lock object is gone. Held when last seen, it counts as held for a lease
-        from now: its holder's work may still be running (it stops when it notices).
-        """
-        known = self._observed
-        if known is None or not known.record.is_held:
-            self._observed = None
-            return
-        if known.resource_version == _DELETED:
-            return  # already counted from when the deletion was first seen
-        self._observed = Observed(record=known.record, resource_version=_DELETED)
-        self._observed_time = trio.current_time()
-
-    def _observe(self, observed: Observed) -> Observed:
-        """Remember a record unless a newer one is known; return the newest.
-
-        The expiry clock restarts only when the record changed. A GET's answer
-        may be older than what the watch delivered while it was in flight: it
-        never replaces the newer record.
-        """
-        known = self._observed
-        if known is not None and _is_older(observed.resource_version, known.resource_version):
-            return known
-        if known is None or observed.record != known.record:
-            self._observed_time = trio.current_time()
-        self._observed = observed
-        return observed
-
     async def _try_acquire(self) -> bool:
         """One acquisition attempt (client-go's ``tryAcquireOrRenew`` while not holding).
 
@@ -603,18 +548,18 @@ class Elector:
         # Cleared before reading: a change the watch delivers while the GET is in
         # flight sets it again, so no wake-up is lost.
         self._changed = trio.Event()
-        known = self._observed
-        if watch_is_fresh and known is not None and known.resource_version != _DELETED:
+        known = self._view.observed
+        if watch_is_fresh and known is not None and known.resource_version != DELETED:
             current: Observed | None = known
         else:
             current = await self.store.get()
 
         if current is None:
-            self._saw_deleted()
-            expiry = self._expiry()
+            self._view.saw_deleted()
+            expiry = self._view.expiry()
             if expiry is not None and trio.current_time() < expiry:
                 return False  # deleted while held: held for a lease from when that was seen
-            self._observed = None
+            self._view.observed = None
             sent = trio.current_time()
             first = self._record(self.identity, transitions=0)
             self._unanswered = (first, sent)
@@ -628,7 +573,7 @@ class Elector:
             self._took(created, sent)
             return True
 
-        current = self._observe(current)
+        current = self._view.observe(current)
         if self._is_our_lost_write(current.record):
             # Our acquiring write landed, though its answer was lost (a dropped
             # connection, a timeout): the lock is ours since that write was sent.
@@ -644,7 +589,7 @@ class Elector:
             if done is not None:
                 raise AlreadyDone(f"{self.once!r} is {describe_done(done)}", done)
         old = current.record
-        expiry = self._expiry()
+        expiry = self._view.expiry()
         if old.is_held and expiry is not None and trio.current_time() < expiry:
             # Held, and not by this process (it holds nothing while acquiring), even
             # when the holder wrote our identity: two processes given the same --id
@@ -693,7 +638,7 @@ class Elector:
             return False
         except NotFound:
             self._unanswered = None
-            self._observed = None
+            self._view.observed = None
             return False
         if updated is None:
             return False  # no answer in time: the next read tells whether it landed
@@ -739,10 +684,10 @@ class Elector:
             )
             return
         except NotFound:
-            self._saw_deleted()
+            self._view.saw_deleted()
             return
         self._joined = True
-        self._observe(joined)
+        self._view.observe(joined)
 
     async def _wait_for_turn(self, current: Observed, expiry: float | None) -> bool:
         """True while waiters ahead of this one in the queue have the lock's turn.
@@ -757,12 +702,12 @@ class Elector:
             return False
         if self._in_queue and not has_entry(current.raw, self.identity):
             await self._join_queue(current)
-            current = self._observed or current
+            current = self._view.observed or current
         ahead = ahead_of(current.raw, self.identity)
         if not ahead:
             self._passed = []
             return False
-        free_since = expiry if expiry is not None else self._observed_time
+        free_since = expiry if expiry is not None else self._view.changed_at
         turn = free_since + len(ahead) * self._turn_timeout
         if trio.current_time() < turn:
             self._write_at = turn
@@ -810,7 +755,7 @@ class Elector:
         if not self._joined:
             return
         self._joined = False
-        known = self._observed.raw if self._observed is not None else {}
+        known = self._view.observed.raw if self._view.observed is not None else {}
         if known and not has_entry(known, self.identity):
             return
         with (
@@ -877,7 +822,7 @@ class Elector:
 
     def _is_ours(self, record: LeaderElectionRecord) -> bool:
         """True when ``record`` is this process's acquisition (identity and acquire time)."""
-        acquired = self._observed.record.acquire_time if self._observed else None
+        acquired = self._view.observed.record.acquire_time if self._view.observed else None
         return record.holder_identity == self.identity and record.acquire_time == acquired
 
     def _took(self, observed: Observed, sent: float) -> None:
@@ -888,8 +833,7 @@ class Elector:
 
     def _wrote(self, observed: Observed, sent: float) -> None:
         """A write of ours, sent at ``sent``, landed: the safety deadline moves with it."""
-        self._observed = observed
-        self._observed_time = trio.current_time()
+        self._view.wrote(observed)
         self._last_renew_sent = sent
         self.held_until = sent + self.timing.lease_duration
 
@@ -951,9 +895,9 @@ class Elector:
         bookmark = ""
         from_now = False
         while True:
-            held = self._observed
+            held = self._view.observed
             version = held.resource_version if held is not None and not from_now else ""
-            if bookmark and (not version or _is_older(version, bookmark)):
+            if bookmark and (not version or is_older(version, bookmark)):
                 version = bookmark
             from_now = False
             opened = trio.current_time()
@@ -965,8 +909,8 @@ class Elector:
                         elif change is None:
                             return self._lost_to_others("the lock object was deleted")
                         elif not self._is_ours(change.record):
-                            known = self._observed
-                            if known is None or not _is_older(
+                            known = self._view.observed
+                            if known is None or not is_older(
                                 change.resource_version, known.resource_version
                             ):
                                 return self._taken_by(change.record)
@@ -1015,7 +959,7 @@ class Elector:
 
     async def _renew_once(self) -> _RenewOutcome:
         """One renewal: kept, taken from us (the lease is lost), or failed (retry)."""
-        current = self._observed
+        current = self._view.observed
         assert current is not None
         renewed: datetime | None = None  # now, unless the record would not change
         stored = current.record.renew_time
@@ -1044,7 +988,7 @@ class Elector:
                 if fresh is None:
                     return _Taken(self._lost_to_others("the lock object was deleted"))
                 if not self._is_ours(fresh.record):
-                    self._observe(fresh)
+                    self._view.observe(fresh)
                     return _Taken(self._taken_by(fresh.record))
                 current = fresh
                 continue
@@ -1107,7 +1051,7 @@ class Elector:
         return written
 
     async def _write_release(self) -> bool:
-        current = self._observed
+        current = self._view.observed
         assert current is not None
         if self.once is not None and self._succeeded:
             # One read for the newest queue: the entries waiting for this KEY go
@@ -1135,7 +1079,9 @@ class Elector:
                 # Those waiting for the same KEY have nothing left to wait for.
                 annotations.update(removals(w for w in waiters(current.raw) if w.once == self.once))
             try:
-                self._observed = await self.store.update(record, current, annotations=annotations)
+                self._view.observed = await self.store.update(
+                    record, current, annotations=annotations
+                )
                 return True
             except Conflict:
                 try:
