@@ -58,13 +58,13 @@ from datetime import datetime
 import trio
 
 from ._election.feed import Feed
+from ._election.pacer import Pacer
 from ._election.tenure import FATAL_ERRORS, SAFETY_MARGIN, Held, Tenure
 from ._election.view import DELETED, View
 from .errors import (
     AlreadyDone,
     ApiError,
     Conflict,
-    Forbidden,
     NotFound,
     StatusError,
     Unreachable,
@@ -78,16 +78,10 @@ from .events import (
     Waiting,
 )
 from .locks.base import LockStore, Observed
-from .locks.handoff import handoff_window, next_window
 from .locks.once import describe_done, find_done
 from .locks.queue import (
     TURN_TIMEOUT,
-    Waiter,
     ahead_of,
-    entry,
-    fits,
-    has_entry,
-    queue_key,
     removals,
     waiters,
 )
@@ -169,29 +163,23 @@ class Elector:
         # holder's renewals, the watched record is fresher than any poll.
         self._last_watch_event = -math.inf
         self._started = 0.0
-        self._arrived = wall_clock()
         self._warned_same_identity = False
         # An acquiring write sent, and when, while its answer is not known.
         self._unanswered: tuple[LeaderElectionRecord, float] | None = None
         self._took_lock = False  # a write of this acquire() call took the lock
-        # The hand-off window (see locks/handoff.py): a waiter that sees the lock
-        # come free waits a random delay before writing, once per version seen.
-        self._defer_on_release = defer_on_release
-        self._looked = False
-        self._deferred_for: str | None = None
-        self._window = 0.0
-        self._delay = 0.0
-        self._write_at = -math.inf
-        self._lateness = 0.0
-        # The queue (see locks/queue.py): whether this contender may join it, for
-        # this acquire; whether it has an entry; whom it passed over in line.
-        self._queue = queue
-        self._turn_timeout = turn_timeout
-        self._in_queue = False
-        self._joined = False
-        self._passed: list[Waiter] = []
-        #: This waiter stopped without the lock and took its entry out of the queue.
-        self.left_queue = False
+        self._pacer = Pacer(
+            store,
+            identity,
+            self._view,
+            self._emit,
+            wall_clock,
+            self._rng,
+            once=once,
+            release_timeout=release_timeout,
+            queue=queue,
+            turn_timeout=turn_timeout,
+            defer_on_release=defer_on_release,
+        )
         #: acquire() was stopped just as a write of its took the lock: it released it.
         self.gave_back = False
 
@@ -231,6 +219,11 @@ class Elector:
     def release_refused(self) -> StatusError | None:
         """Why the API refused the release (RBAC, credentials), if it did."""
         return self._tenure.release_refused
+
+    @property
+    def left_queue(self) -> bool:
+        """This waiter stopped without the lock and took its entry out of the queue."""
+        return self._pacer.left_queue
 
     def held_for(self) -> float:
         return self._tenure.held_for()
@@ -272,12 +265,10 @@ class Elector:
         :class:`~kubelock.errors.AlreadyDone` instead.
         """
         self._started = trio.current_time()
-        # When it came, for its place in the queue (wall clock: all must compare).
-        self._arrived = self._wall_clock()
         give_up_at = math.inf if timeout is None else self._started + max(timeout, 0.0)
         # A waiter with a time limit stays out of the queue, so that giving up
         # leaves nothing written.
-        self._in_queue = self._queue and timeout is None
+        self._pacer.begin(may_join=timeout is None)
         fatal: Exception | None = None
         acquired = False
         self._took_lock = False
@@ -355,7 +346,7 @@ class Elector:
                 last_report_holder = record.holder_identity
                 last_report_time = now
                 ahead = None
-                if self._joined and self._view.observed is not None:
+                if self._pacer.in_line and self._view.observed is not None:
                     raw = self._view.observed.raw
                     ahead = len(ahead_of(raw, self.identity, record.holder_identity))
                 self._emit(
@@ -394,8 +385,8 @@ class Elector:
         expiry = self._view.expiry()
         if expiry is not None and expiry > trio.current_time():
             wake_at = min(wake_at, expiry)
-        if self._write_at > trio.current_time():
-            wake_at = min(wake_at, self._write_at)
+        if self._pacer.write_at > trio.current_time():
+            wake_at = min(wake_at, self._pacer.write_at)
         with trio.move_on_at(wake_at):
             await self._changed.wait()
 
@@ -459,10 +450,9 @@ class Elector:
             assert self._unanswered is not None
             self._took(current, self._unanswered[1])
             self._unanswered = None
-            self._joined = False
+            self._pacer.in_line = False
             return True
-        first_look = not self._looked
-        self._looked = True
+        first_look = self._pacer.first_look()
         if self.once is not None:
             done = find_done(current.raw, self.once)
             if done is not None:
@@ -482,18 +472,12 @@ class Elector:
                         "own --id (waiting until it releases or its lease expires)"
                     )
                 )
-            await self._join_queue(current)
+            await self._pacer.join(current)
             return False
-        if await self._wait_for_turn(current, expiry):
+        if await self._pacer.wait_for_turn(current, expiry):
             return False
-        if (
-            self._defer_on_release
-            and not first_look
-            and not old.is_held
-            and not self._joined
-            and not self._passed
-        ):
-            if self._defer(current):
+        if self._pacer.may_defer(current, first_look):
+            if self._pacer.defer(current):
                 return False
             # Let the watch hand over anything already received: a winner's write
             # seen now saves a 409.
@@ -503,7 +487,10 @@ class Elector:
 
         record = self._tenure.record(self.identity, transitions=old.leader_transitions + 1)
         # Our own entry, and those of the waiters we passed over, go in the same write.
-        leaving = [*self._passed, *(w for w in waiters(current.raw) if w.identity == self.identity)]
+        leaving = [
+            *self._pacer.passed_over,
+            *(w for w in waiters(current.raw) if w.identity == self.identity),
+        ]
         sent = trio.current_time()
         self._unanswered = (record, sent)
         try:
@@ -523,76 +510,11 @@ class Elector:
             return False  # no answer in time: the next read tells whether it landed
         self._unanswered = None
         self._took(updated, sent)
-        self._joined = False
-        if self._deferred_for == current.resource_version:
-            self._tenure.publish_window = next_window(self._window, self._delay, self._lateness)
+        self._pacer.in_line = False
+        window = self._pacer.window_to_publish(current)
+        if window is not None:
+            self._tenure.publish_window = window
         return True
-
-    async def _join_queue(self, current: Observed) -> None:
-        """Add this waiter's entry to the queue, unless it has one (or stays out)."""
-        if not self._in_queue:
-            return
-        if has_entry(current.raw, self.identity):
-            self._joined = True
-            return
-        if self._joined:
-            # Passed over (it was too slow to take its turn, or an admin removed
-            # it): join again, at the back.
-            self._emit(
-                WaitFailed(
-                    error="this waiter's place in the queue was given up; joining the queue again"
-                )
-            )
-        # In line by when it came; once passed over, at the back.
-        since = self._wall_clock() if self._joined else self._arrived
-        mine = entry(self.identity, since, self.once)
-        if not fits(mine):
-            # An identity too long for the queue's bounds: nobody would see the entry.
-            self._in_queue = False
-            return
-        try:
-            joined = await self.store.annotate({mine.key: mine.value()})
-        except Forbidden as error:
-            # A Role written for the Go kubelock (no patch): wait outside the queue.
-            self._in_queue = False
-            self._emit(
-                WaitFailed(
-                    error=f"{error}; waiting outside the queue (grant patch on the lock "
-                    "for first come, first served)"
-                )
-            )
-            return
-        except NotFound:
-            self._view.saw_deleted()
-            return
-        self._joined = True
-        self._view.observe(joined)
-
-    async def _wait_for_turn(self, current: Observed, expiry: float | None) -> bool:
-        """True while waiters ahead of this one in the queue have the lock's turn.
-
-        The lock is free (released, or its lease expired). The first in line
-        writes at once; the waiter ``k`` places back writes ``k`` turn timeouts
-        after the lock was seen free, passing over those ahead.
-        """
-        line = waiters(current.raw)
-        if not line:
-            self._passed = []
-            return False
-        if self._in_queue and not has_entry(current.raw, self.identity):
-            await self._join_queue(current)
-            current = self._view.observed or current
-        ahead = ahead_of(current.raw, self.identity)
-        if not ahead:
-            self._passed = []
-            return False
-        free_since = expiry if expiry is not None else self._view.changed_at
-        turn = free_since + len(ahead) * self._turn_timeout
-        if trio.current_time() < turn:
-            self._write_at = turn
-            return True
-        self._passed = ahead
-        return False
 
     async def _give_back(self) -> None:
         """``acquire()`` ends without handing over the lock: leave the queue, and give
@@ -614,7 +536,7 @@ class Elector:
             self._tenure.acquired_at = trio.current_time()
             self.gave_back = await self.release()
             return
-        await self._leave_queue()
+        await self._pacer.leave()
 
     async def _acquiring_write(self, write: Callable[[], Awaitable[Observed]]) -> Observed | None:
         """Send an acquiring write, shielded (a signal must not leave a write of unknown
@@ -623,49 +545,6 @@ class Elector:
         with trio.CancelScope(shield=True), trio.move_on_after(self.timing.renew_deadline):
             return await write()
         return None
-
-    async def _leave_queue(self) -> None:
-        """Remove this waiter's entry when it stops waiting without the lock.
-
-        Shielded and bounded, as a release is. Nothing to do when it never
-        joined, or its entry is gone (a release that recorded its ``once`` KEY
-        removes it).
-        """
-        if not self._joined:
-            return
-        self._joined = False
-        known = self._view.observed.raw if self._view.observed is not None else {}
-        if known and not has_entry(known, self.identity):
-            return
-        with (
-            trio.CancelScope(shield=True),
-            trio.move_on_after(self._release_timeout),
-            contextlib.suppress(ApiError),
-        ):
-            await self.store.annotate({queue_key(self.identity): None})
-            self.left_queue = True
-
-    def _defer(self, current: Observed) -> bool:
-        """True while this waiter should hold back its write on a lock that was released.
-
-        An expired lease (its holder died) is taken at once: that is rare, and
-        the lease duration already made everyone wait.
-
-        Not asked on the first look (nobody else may be waiting): that one writes
-        at once. Each version seen free gets one random delay in the published window.
-        """
-        if self._deferred_for != current.resource_version:
-            self._deferred_for = current.resource_version
-            self._window = handoff_window(current.raw)
-            self._delay = self._window * self._rng.random()
-            self._write_at = trio.current_time() + self._delay
-            # How late this waiter heard of the release, by the releaser's clock:
-            # a sample of how long news takes to reach the waiters (see next_window).
-            self._lateness = 0.0
-            if current.record.renew_time is not None:
-                heard = (self._wall_clock() - current.record.renew_time).total_seconds()
-                self._lateness = min(max(heard, 0.0), 1.0)
-        return trio.current_time() < self._write_at
 
     def _is_our_lost_write(self, record: LeaderElectionRecord) -> bool:
         """True when ``record`` is the acquiring write of ours whose answer never came."""
