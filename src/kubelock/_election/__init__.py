@@ -5,7 +5,8 @@
 * :mod:`.feed`: the watch on the lock object, reopened when it drops.
 * :mod:`.pacer`: the queue and the hand-off window: when a waiter may write.
 * :mod:`.tenure`: holding an acquired lock: its deadlines and fencing token,
-  renewing, releasing.
+  releasing, and :meth:`~.tenure.Tenure.holding` around the work.
+* :mod:`.renewal`: renewing it, and deciding when it is lost.
 
 The safety model is stated once, in :mod:`kubelock.election`.
 """

@@ -3,9 +3,9 @@
 A tenure begins when an acquiring write lands (:meth:`Tenure.began`) and ends
 with a release, or with the lease lost. It owns :attr:`Tenure.held_until` (the
 local time the last successful renewal was *sent*, plus lease-duration), the
-safety deadline before it, the fencing token, the renew loop with its watch,
-the release (which records the ``once`` KEY when the work succeeded) and
-:meth:`Tenure.holding`, which ties them around the guarded work.
+safety deadline before it, the fencing token, the release (which records the
+``once`` KEY when the work succeeded) and :meth:`Tenure.holding`, which ties
+them and the renewals (:mod:`.renewal`) around the guarded work.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 
 import trio
 
@@ -24,11 +24,10 @@ from ..errors import (
     Conflict,
     Forbidden,
     LeaseLost,
-    NotFound,
     StatusError,
     Unauthorized,
 )
-from ..events import Lost, Observer, Released, Renewed, RenewFailed
+from ..events import Lost, Observer, Released
 from ..locks.base import LockStore, Observed
 from ..locks.handoff import handoff_annotation
 from ..locks.once import DoneKey, done_annotation
@@ -36,34 +35,13 @@ from ..locks.queue import removals, waiters
 from ..locks.record import LeaderElectionRecord
 from ..settings import ElectionTiming
 from .feed import Feed
-from .view import View, is_older
+from .renewal import Renewal
+from .view import View
 
 #: Errors that end waiting at once: retrying cannot fix them.
 FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
 #: How long before ``held_until`` guarded work must be gone at the latest.
 SAFETY_MARGIN = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kept:
-    """A renewal landed: the lease is ours for another lease-duration."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Taken:
-    """The lease is lost: somebody else holds the lock, or its object is gone."""
-
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Failed:
-    """A renewal attempt failed; the next one may succeed before the renew deadline."""
-
-    error: str
-
-
-_RenewOutcome = _Kept | _Taken | _Failed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +91,7 @@ class Tenure:
         self.store = store
         self.identity = identity
         self.timing = timing
-        self._view = view
+        self.view = view
         self._feed = feed
         self._emit = emit
         self._wall_clock = wall_clock
@@ -122,7 +100,7 @@ class Tenure:
         self._succeeded = False
         #: When acquire() returned (``None`` while not held, and after the release).
         self.acquired_at: float | None = None
-        self._last_renew_sent = -math.inf
+        self.last_renew_sent = -math.inf
         self.held_until = -math.inf
         self.fencing_token: int | None = None
         self.lost_reason: str | None = None
@@ -155,13 +133,13 @@ class Tenure:
 
     def landed(self, observed: Observed, sent: float) -> None:
         """A write of ours, sent at ``sent``, landed: the safety deadline moves with it."""
-        self._view.wrote(observed)
-        self._last_renew_sent = sent
+        self.view.wrote(observed)
+        self.last_renew_sent = sent
         self.held_until = sent + self.timing.lease_duration
 
     def is_ours(self, record: LeaderElectionRecord) -> bool:
         """True when ``record`` is this process's acquisition (identity and acquire time)."""
-        observed = self._view.observed
+        observed = self.view.observed
         acquired = observed.record.acquire_time if observed else None
         return record.holder_identity == self.identity and record.acquire_time == acquired
 
@@ -258,137 +236,7 @@ class Tenure:
         """
         if not self.is_holding:
             raise RuntimeError("keep_renewing() needs the lock to be held")
-        reason = ""
-        async with trio.open_nursery() as nursery:
-
-            async def until_lost(find_loss: Callable[[], Awaitable[str]]) -> None:
-                nonlocal reason
-                found = await find_loss()
-                if not reason:
-                    reason = found
-                    self.lost_reason = reason
-                    self._emit(Lost(reason=reason, held=self.held_for()))
-                    if on_lost is not None:
-                        on_lost(reason)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(until_lost, self._renew_until_lost)
-            nursery.start_soon(until_lost, self._watch_while_holding)
-        return reason
-
-    def _lost_to_others(self, reason: str) -> str:
-        """The lock was taken, or its object deleted: others may hold it from now on."""
-        self.held_until = min(self.held_until, trio.current_time())
-        return reason
-
-    def _taken_by(self, record: LeaderElectionRecord) -> str:
-        holder = repr(record.holder_identity) if record.is_held else "nobody"
-        if record.holder_identity == self.identity:
-            holder = "another process with the same identity"
-        elif record.unreadable:
-            holder = "a record that does not parse"
-        return self._lost_to_others(f"the lock was taken over by {holder}")
-
-    async def _watch_while_holding(self) -> str:
-        """Return as soon as a watch shows the lock deleted or written by somebody else.
-
-        Never returns on errors: then the renewals decide.
-        """
-
-        def lost_by(change: Observed | None) -> str | None:
-            if change is None:
-                return self._lost_to_others("the lock object was deleted")
-            if not self.is_ours(change.record):
-                known = self._view.observed
-                if known is None or not is_older(change.resource_version, known.resource_version):
-                    return self._taken_by(change.record)
-            return None
-
-        return await self._feed.follow(lost_by, while_holding=True)
-
-    async def _renew_until_lost(self) -> str:
-        next_attempt = self._last_renew_sent + self.timing.retry_period
-        while True:
-            await trio.sleep_until(next_attempt)
-            deadline = self._last_renew_sent + self.timing.renew_deadline
-            attempt_started = trio.current_time()
-            if attempt_started >= deadline:
-                return self._deadline_reason()
-            outcome: _RenewOutcome = _Failed("timed out")
-            # Shielded (and still bounded by the deadline): a renewal cancelled in
-            # flight may land all the same, and the release that follows would then
-            # test a record that is no longer there and be refused once.
-            with trio.CancelScope(deadline=deadline, shield=True):
-                outcome = await self._renew_once()
-            match outcome:
-                case _Kept():
-                    self._emit(Renewed(duration=trio.current_time() - attempt_started))
-                    next_attempt = self._last_renew_sent + self.timing.retry_period
-                    continue
-                case _Taken(reason=reason):
-                    return reason
-                case _Failed(error=error):
-                    self._emit(
-                        RenewFailed(error=error, duration=trio.current_time() - attempt_started)
-                    )
-            if trio.current_time() >= deadline:
-                return self._deadline_reason()
-            next_attempt = min(trio.current_time() + self.timing.retry_period, deadline)
-
-    def _deadline_reason(self) -> str:
-        return f"no renewal succeeded within the renew deadline ({self.timing.renew_deadline:g}s)"
-
-    async def _renew_once(self) -> _RenewOutcome:
-        """One renewal: kept, taken from us (the lease is lost), or failed (retry)."""
-        current = self._view.observed
-        assert current is not None
-        renewed: datetime | None = None  # now, unless the record would not change
-        stored = current.record.renew_time
-        if stored is not None and self._wall_clock() <= stored:
-            # A wall clock that stepped back: renewTime still only grows. A record
-            # written again as it was earlier would look unchanged to a waiter that
-            # missed the versions between (it judges by content), and its lease
-            # would expire too early by that waiter's clock.
-            renewed = stored + timedelta(seconds=1)
-        while True:
-            record = self.record(
-                self.identity,
-                acquired=current.record.acquire_time,
-                transitions=current.record.leader_transitions,
-                renewed=renewed,
-            )
-            sent = trio.current_time()
-            try:
-                updated = await self.store.update(record, current)
-            except Conflict:
-                # Somebody else wrote. Re-read: still ours (labels edited) → retry.
-                try:
-                    fresh = await self.store.get()
-                except ApiError as error:
-                    return _Failed(str(error))
-                if fresh is None:
-                    return _Taken(self._lost_to_others("the lock object was deleted"))
-                if not self.is_ours(fresh.record):
-                    self._view.observe(fresh)
-                    return _Taken(self._taken_by(fresh.record))
-                current = fresh
-                continue
-            except NotFound:
-                return _Taken(self._lost_to_others("the lock object was deleted"))
-            except ApiError as error:
-                return _Failed(str(error))
-            if updated.record == current.record:
-                # Nothing waiters can see changed (a record in whole seconds renewed
-                # twice in one second, or a wall clock that stepped back): the server
-                # skipped the write, so it is no renewal. Once more, renewed a second
-                # after the record's renewTime, so that it changes.
-                if renewed is not None or current.record.renew_time is None:
-                    return _Failed("the renewal changed nothing in the record")
-                renewed = current.record.renew_time + timedelta(seconds=1)
-                current = updated
-                continue
-            self.landed(updated, sent)
-            return _Kept()
+        return await Renewal(self, self._feed, self._emit, self._wall_clock).run(on_lost)
 
     # -- giving up ------------------------------------------------------------
 
@@ -432,7 +280,7 @@ class Tenure:
         return written
 
     async def _write_release(self) -> bool:
-        current = self._view.observed
+        current = self.view.observed
         assert current is not None
         if self.once is not None and self._succeeded:
             # One read for the newest queue: the entries waiting for this KEY go
@@ -460,7 +308,7 @@ class Tenure:
                 # Those waiting for the same KEY have nothing left to wait for.
                 annotations.update(removals(w for w in waiters(current.raw) if w.once == self.once))
             try:
-                self._view.observed = await self.store.update(
+                self.view.observed = await self.store.update(
                     record, current, annotations=annotations
                 )
                 return True
