@@ -52,20 +52,19 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 
 import trio
 
+from ._election.attempts import Attempts
 from ._election.feed import Feed
 from ._election.pacer import Pacer
 from ._election.tenure import FATAL_ERRORS, SAFETY_MARGIN, Held, Tenure
-from ._election.view import DELETED, View
+from ._election.view import View
 from .errors import (
     AlreadyDone,
     ApiError,
-    Conflict,
-    NotFound,
     StatusError,
     Unreachable,
     WaitTimedOut,
@@ -77,15 +76,12 @@ from .events import (
     WaitFailed,
     Waiting,
 )
-from .locks.base import LockStore, Observed
-from .locks.once import describe_done, find_done
+from .locks.base import LockStore
 from .locks.queue import (
     TURN_TIMEOUT,
     ahead_of,
-    removals,
-    waiters,
 )
-from .locks.record import LeaderElectionRecord, utc_now
+from .locks.record import utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
 
 __all__ = [
@@ -157,16 +153,7 @@ class Elector:
             release_timeout=release_timeout,
             once=once,
         )
-        # A newer record delivered by the watch, not yet acted upon.
-        self._changed = trio.Event()
-        # When the watch last delivered anything: while it keeps delivering the
-        # holder's renewals, the watched record is fresher than any poll.
-        self._last_watch_event = -math.inf
         self._started = 0.0
-        self._warned_same_identity = False
-        # An acquiring write sent, and when, while its answer is not known.
-        self._unanswered: tuple[LeaderElectionRecord, float] | None = None
-        self._took_lock = False  # a write of this acquire() call took the lock
         self._pacer = Pacer(
             store,
             identity,
@@ -180,8 +167,16 @@ class Elector:
             turn_timeout=turn_timeout,
             defer_on_release=defer_on_release,
         )
-        #: acquire() was stopped just as a write of its took the lock: it released it.
-        self.gave_back = False
+        self._attempts = Attempts(
+            store,
+            identity,
+            self.timing,
+            self._view,
+            self._tenure,
+            self._pacer,
+            self._emit,
+            release_timeout=release_timeout,
+        )
 
     # -- the tenure's, for callers of the Elector ----------------------------------
 
@@ -219,6 +214,11 @@ class Elector:
     def release_refused(self) -> StatusError | None:
         """Why the API refused the release (RBAC, credentials), if it did."""
         return self._tenure.release_refused
+
+    @property
+    def gave_back(self) -> bool:
+        """acquire() was stopped just as a write of its took the lock: it released it."""
+        return self._attempts.gave_back
 
     @property
     def left_queue(self) -> bool:
@@ -271,7 +271,7 @@ class Elector:
         self._pacer.begin(may_join=timeout is None)
         fatal: Exception | None = None
         acquired = False
-        self._took_lock = False
+        self._attempts.won_this_call = False
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -287,7 +287,7 @@ class Elector:
             raise
         finally:
             if not completed:
-                await self._give_back()
+                await self._attempts.give_back()
         if fatal is not None:
             raise fatal
         assert self.fencing_token is not None
@@ -314,7 +314,7 @@ class Elector:
                 if give_up_at <= now:
                     step_deadline = now + self.timing.renew_deadline
                 with trio.move_on_at(step_deadline) as step:
-                    if await self._try_acquire():
+                    if await self._attempts.try_once():
                         return
                 if step.cancelled_caught:
                     raise Unreachable(
@@ -388,173 +388,8 @@ class Elector:
         if self._pacer.write_at > trio.current_time():
             wake_at = min(wake_at, self._pacer.write_at)
         with trio.move_on_at(wake_at):
-            await self._changed.wait()
+            await self._attempts.changed.wait()
 
     async def _watch(self) -> None:
         """Feed changes of the lock object into the waiting loop (see :class:`Feed`)."""
-        await self._feed.follow(self._saw_change, while_holding=False)
-
-    def _saw_change(self, change: Observed | None) -> None:
-        if change is None:
-            self._view.saw_deleted()
-        else:
-            self._view.observe(change)
-        self._last_watch_event = trio.current_time()
-        self._changed.set()
-
-    async def _try_acquire(self) -> bool:
-        """One acquisition attempt (client-go's ``tryAcquireOrRenew`` while not holding).
-
-        True when this contender now holds the lock; False when it is held by
-        somebody else, or somebody else's write won.
-        """
-        # A change delivered by the watch saves a GET: act on it directly. So does a
-        # watch that delivered within a poll interval (the holder's renewals): the
-        # poll only runs when the watch has gone quiet, or is down.
-        watch_is_fresh = self._changed.is_set() or (
-            trio.current_time() - self._last_watch_event
-            <= self.timing.retry_period * (1 + JITTER_FACTOR)
-        )
-        # Cleared before reading: a change the watch delivers while the GET is in
-        # flight sets it again, so no wake-up is lost.
-        self._changed = trio.Event()
-        known = self._view.observed
-        if watch_is_fresh and known is not None and known.resource_version != DELETED:
-            current: Observed | None = known
-        else:
-            current = await self.store.get()
-
-        if current is None:
-            self._view.saw_deleted()
-            expiry = self._view.expiry()
-            if expiry is not None and trio.current_time() < expiry:
-                return False  # deleted while held: held for a lease from when that was seen
-            self._view.observed = None
-            sent = trio.current_time()
-            first = self._tenure.record(self.identity, transitions=0)
-            self._unanswered = (first, sent)
-            try:
-                created = await self._acquiring_write(lambda: self.store.create(first))
-            except Conflict:  # AlreadyExists: somebody else was first (or our lost create)
-                return False
-            if created is None:
-                return False  # no answer in time: the next read tells whether it landed
-            self._unanswered = None
-            self._took(created, sent)
-            return True
-
-        current = self._view.observe(current)
-        if self._is_our_lost_write(current.record):
-            # Our acquiring write landed, though its answer was lost (a dropped
-            # connection, a timeout): the lock is ours since that write was sent.
-            assert self._unanswered is not None
-            self._took(current, self._unanswered[1])
-            self._unanswered = None
-            self._pacer.in_line = False
-            return True
-        first_look = self._pacer.first_look()
-        if self.once is not None:
-            done = find_done(current.raw, self.once)
-            if done is not None:
-                raise AlreadyDone(f"{self.once!r} is {describe_done(done)}", done)
-        old = current.record
-        expiry = self._view.expiry()
-        if old.is_held and expiry is not None and trio.current_time() < expiry:
-            # Held, and not by this process (it holds nothing while acquiring), even
-            # when the holder wrote our identity: two processes given the same --id
-            # must still exclude each other.
-            if old.holder_identity == self.identity and not self._warned_same_identity:
-                self._warned_same_identity = True
-                self._emit(
-                    WaitFailed(
-                        error=f"the lock is held under this contender's own identity "
-                        f"{self.identity!r} by another process; give each contender its "
-                        "own --id (waiting until it releases or its lease expires)"
-                    )
-                )
-            await self._pacer.join(current)
-            return False
-        if await self._pacer.wait_for_turn(current, expiry):
-            return False
-        if self._pacer.may_defer(current, first_look):
-            if self._pacer.defer(current):
-                return False
-            # Let the watch hand over anything already received: a winner's write
-            # seen now saves a 409.
-            await trio.lowlevel.checkpoint()
-            if self._changed.is_set():
-                return False
-
-        record = self._tenure.record(self.identity, transitions=old.leader_transitions + 1)
-        # Our own entry, and those of the waiters we passed over, go in the same write.
-        leaving = [
-            *self._pacer.passed_over,
-            *(w for w in waiters(current.raw) if w.identity == self.identity),
-        ]
-        sent = trio.current_time()
-        self._unanswered = (record, sent)
-        try:
-            updated = await self._acquiring_write(
-                lambda: self.store.update(record, current, annotations=removals(leaving))
-            )
-        except Conflict:
-            # Somebody else wrote first: never overwrite. Their record arrives
-            # through the watch (which wakes the loop) or the next poll.
-            self._unanswered = None
-            return False
-        except NotFound:
-            self._unanswered = None
-            self._view.observed = None
-            return False
-        if updated is None:
-            return False  # no answer in time: the next read tells whether it landed
-        self._unanswered = None
-        self._took(updated, sent)
-        self._pacer.in_line = False
-        window = self._pacer.window_to_publish(current)
-        if window is not None:
-            self._tenure.publish_window = window
-        return True
-
-    async def _give_back(self) -> None:
-        """``acquire()`` ends without handing over the lock: leave the queue, and give
-        back a lock that a write of ours took meanwhile (or may have: its answer
-        never came). Shielded and bounded, as a release is.
-        """
-        if not self._took_lock and self._unanswered is not None:
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self._release_timeout),
-                contextlib.suppress(ApiError),
-            ):
-                current = await self.store.get()
-                if current is not None and self._is_our_lost_write(current.record):
-                    self._took(current, self._unanswered[1])
-        self._unanswered = None
-        if self._took_lock:
-            self._took_lock = False
-            self._tenure.acquired_at = trio.current_time()
-            self.gave_back = await self.release()
-            return
-        await self._pacer.leave()
-
-    async def _acquiring_write(self, write: Callable[[], Awaitable[Observed]]) -> Observed | None:
-        """Send an acquiring write, shielded (a signal must not leave a write of unknown
-        fate behind) and bounded by the renew deadline; ``None`` when no answer came.
-        """
-        with trio.CancelScope(shield=True), trio.move_on_after(self.timing.renew_deadline):
-            return await write()
-        return None
-
-    def _is_our_lost_write(self, record: LeaderElectionRecord) -> bool:
-        """True when ``record`` is the acquiring write of ours whose answer never came."""
-        if self._unanswered is None:
-            return False
-        sent = self._unanswered[0]
-        # As stored: Endpoints and ConfigMap records keep whole seconds.
-        return record in (sent, LeaderElectionRecord.from_annotation(sent.to_annotation()))
-
-    def _took(self, observed: Observed, sent: float) -> None:
-        """An acquiring write landed: we hold the lock, with this fencing token."""
-        self._took_lock = True
-        self._tenure.began(observed, sent)
+        await self._feed.follow(self._attempts.saw_change, while_holding=False)
