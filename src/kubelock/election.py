@@ -45,6 +45,12 @@ contender that sees its KEY done stops with ``AlreadyDone`` instead of writing.
 
 Time is trio's clock, so ``trio.testing.MockClock`` makes every timing rule
 exactly testable. The only I/O is through the :class:`~kubelock.locks.base.LockStore`.
+
+The :class:`Elector` waits, and composes the parts in :mod:`kubelock._election`:
+what was last seen of the lock and when it expires (``view``), the watch
+(``feed``), the queue and the hand-off window (``pacer``), one acquisition
+attempt after another (``attempts``), and, once acquired, holding the lock
+(``tenure``) and renewing it (``renewal``).
 """
 
 from __future__ import annotations
@@ -134,12 +140,11 @@ class Elector:
         self.identity = identity
         self.timing = timing or ElectionTiming()
         self._emit = observer or _no_observer
-        self._wall_clock = wall_clock
         self._rng = rng or random.Random()
         self._waiting_report_interval = waiting_report_interval
-        self._release_timeout = release_timeout
+        self._started = 0.0  # when acquire() was called
 
-        # What this contender last saw, and when (local monotonic) it last changed.
+        # The parts (see kubelock._election), sharing one view of the lock.
         self._view = View(self.timing.lease_duration)
         self._feed = Feed(store, self.timing, self._view, self._emit, self._rng)
         self._tenure = Tenure(
@@ -153,7 +158,6 @@ class Elector:
             release_timeout=release_timeout,
             once=once,
         )
-        self._started = 0.0
         self._pacer = Pacer(
             store,
             identity,

@@ -4,6 +4,8 @@
   (pure, no I/O).
 * :mod:`.feed`: the watch on the lock object, reopened when it drops.
 * :mod:`.pacer`: the queue and the hand-off window: when a waiter may write.
+* :mod:`.attempts`: one acquisition attempt after another: read, decide, and
+  the conditional write, including writes whose answers were lost.
 * :mod:`.tenure`: holding an acquired lock: its deadlines and fencing token,
   releasing, and :meth:`~.tenure.Tenure.holding` around the work.
 * :mod:`.renewal`: renewing it, and deciding when it is lost.
