@@ -45,60 +45,49 @@ contender that sees its KEY done stops with ``AlreadyDone`` instead of writing.
 
 Time is trio's clock, so ``trio.testing.MockClock`` makes every timing rule
 exactly testable. The only I/O is through the :class:`~kubelock.locks.base.LockStore`.
+
+The :class:`Elector` waits, and composes the parts in :mod:`kubelock._election`:
+what was last seen of the lock and when it expires (``view``), the watch
+(``feed``), the queue and the hand-off window (``pacer``), one acquisition
+attempt after another (``attempts``), and, once acquired, holding the lock
+(``tenure``) and renewing it (``renewal``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime
 
 import trio
 
+from ._election.attempts import Attempts
+from ._election.feed import Feed
+from ._election.pacer import Pacer
+from ._election.tenure import FATAL_ERRORS, SAFETY_MARGIN, Held, Tenure
+from ._election.view import View
 from .errors import (
     AlreadyDone,
     ApiError,
-    BadRequest,
-    Conflict,
-    Forbidden,
-    Gone,
-    LeaseLost,
-    NotFound,
     StatusError,
-    Unauthorized,
     Unreachable,
     WaitTimedOut,
 )
 from .events import (
     Acquired,
     Event,
-    Lost,
     Observer,
-    Released,
-    Renewed,
-    RenewFailed,
     WaitFailed,
     Waiting,
 )
-from .locks.base import Bookmark, LockStore, Observed
-from .locks.handoff import handoff_annotation, handoff_window, next_window
-from .locks.once import DoneKey, done_annotation, find_done
+from .locks.base import LockStore
 from .locks.queue import (
     TURN_TIMEOUT,
-    Waiter,
     ahead_of,
-    entry,
-    fits,
-    has_entry,
-    queue_key,
-    removals,
-    waiters,
 )
-from .locks.record import LeaderElectionRecord, utc_now
+from .locks.record import utc_now
 from .settings import JITTER_FACTOR, ElectionTiming
 
 __all__ = [
@@ -114,80 +103,10 @@ __all__ = [
 WAITING_REPORT_INTERVAL = 30.0
 #: The longest a release may take before kubelock leaves the lease to expire.
 RELEASE_TIMEOUT = 5.0
-#: Errors that end waiting at once: retrying cannot fix them.
-FATAL_ERRORS = (Forbidden, Unauthorized, BadRequest)
-#: How long before ``held_until`` guarded work must be gone at the latest.
-SAFETY_MARGIN = 1.0
-
-
-#: The resourceVersion of a lock object seen deleted while it was held.
-_DELETED = "deleted"
 
 
 def _no_observer(event: Event) -> None:
     pass
-
-
-def _is_older(version: str, than: str) -> bool:
-    """True when resourceVersion ``version`` is surely older than ``than``.
-
-    Kubernetes calls resourceVersions opaque; every API server in use (etcd's
-    revision) writes them as growing integers, which is all this relies on.
-    Anything else compares as not older, so it is taken as new.
-    """
-    if not (version.isdigit() and than.isdigit()):
-        return False
-    return int(version) < int(than)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kept:
-    """A renewal landed: the lease is ours for another lease-duration."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Taken:
-    """The lease is lost: somebody else holds the lock, or its object is gone."""
-
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Failed:
-    """A renewal attempt failed; the next one may succeed before the renew deadline."""
-
-    error: str
-
-
-_RenewOutcome = _Kept | _Taken | _Failed
-
-
-@dataclasses.dataclass(frozen=True)
-class Held:
-    """What ``async with elector.holding() as held`` (and ``kubelock.Lock``) give the body."""
-
-    name: str
-    namespace: str
-    identity: str
-    #: The lease's transition count at acquisition: it only grows, so work can
-    #: store it and refuse anything carrying an older one.
-    fencing_token: int
-    _elector: Elector = dataclasses.field(repr=False)
-
-    @property
-    def lost(self) -> str | None:
-        """Why the lock was lost while the body ran (``None`` while it is held)."""
-        return self._elector.lost_reason
-
-    @property
-    def held_until(self) -> float:
-        """``trio.current_time()`` before which no other contender can take the lock."""
-        return self._elector.held_until
-
-    @property
-    def safety_deadline(self) -> float:
-        """``trio.current_time()`` by which the guarded work must be gone (see the Elector's)."""
-        return self._elector.safety_deadline
 
 
 class Elector:
@@ -221,126 +140,117 @@ class Elector:
         self.identity = identity
         self.timing = timing or ElectionTiming()
         self._emit = observer or _no_observer
-        self._wall_clock = wall_clock
         self._rng = rng or random.Random()
         self._waiting_report_interval = waiting_report_interval
-        self._release_timeout = release_timeout
-        #: Run once per KEY: a contender that sees it done raises AlreadyDone.
-        self.once = once
-        self._succeeded = False
+        self._started = 0.0  # when acquire() was called
 
-        # What this contender last saw, and when (local monotonic) it last changed.
-        self._observed: Observed | None = None
-        self._observed_time = -math.inf
-        # A newer record delivered by the watch, not yet acted upon.
-        self._changed = trio.Event()
-        # When the watch last delivered anything: while it keeps delivering the
-        # holder's renewals, the watched record is fresher than any poll.
-        self._last_watch_event = -math.inf
-        self._started = 0.0
-        self._arrived = wall_clock()
-        self._acquired_at: float | None = None
-        self._last_renew_sent = -math.inf
-        self.held_until = -math.inf
-        self.fencing_token: int | None = None
-        self.lost_reason: str | None = None
-        #: Why the API refused the release (RBAC, credentials), if it did.
-        self.release_refused: StatusError | None = None
-        self._warned_same_identity = False
-        # An acquiring write sent, and when, while its answer is not known.
-        self._unanswered: tuple[LeaderElectionRecord, float] | None = None
-        self._took_lock = False  # a write of this acquire() call took the lock
-        # The hand-off window (see locks/handoff.py): a waiter that sees the lock
-        # come free waits a random delay before writing, once per version seen.
-        self._defer_on_release = defer_on_release
-        self._looked = False
-        self._deferred_for: str | None = None
-        self._window = 0.0
-        self._delay = 0.0
-        self._write_at = -math.inf
-        self._lateness = 0.0
-        self._publish_window: float | None = None
-        # The queue (see locks/queue.py): whether this contender may join it, for
-        # this acquire; whether it has an entry; whom it passed over in line.
-        self._queue = queue
-        self._turn_timeout = turn_timeout
-        self._in_queue = False
-        self._joined = False
-        self._passed: list[Waiter] = []
-        #: This waiter stopped without the lock and took its entry out of the queue.
-        self.left_queue = False
-        #: acquire() was stopped just as a write of its took the lock: it released it.
-        self.gave_back = False
+        # The parts (see kubelock._election), sharing one view of the lock.
+        self._view = View(self.timing.lease_duration)
+        self._feed = Feed(store, self.timing, self._view, self._emit, self._rng)
+        self._tenure = Tenure(
+            store,
+            identity,
+            self.timing,
+            self._view,
+            self._feed,
+            self._emit,
+            wall_clock,
+            release_timeout=release_timeout,
+            once=once,
+        )
+        self._pacer = Pacer(
+            store,
+            identity,
+            self._view,
+            self._emit,
+            wall_clock,
+            self._rng,
+            once=once,
+            release_timeout=release_timeout,
+            queue=queue,
+            turn_timeout=turn_timeout,
+            defer_on_release=defer_on_release,
+        )
+        self._attempts = Attempts(
+            store,
+            identity,
+            self.timing,
+            self._view,
+            self._tenure,
+            self._pacer,
+            self._emit,
+            release_timeout=release_timeout,
+        )
 
-    # -- public state ---------------------------------------------------------
+    # -- the tenure's, for callers of the Elector ----------------------------------
+
+    @property
+    def once(self) -> str | None:
+        """Run once per KEY: a contender that sees it done raises AlreadyDone."""
+        return self._tenure.once
 
     @property
     def is_holding(self) -> bool:
         """True between a successful acquire and release or loss."""
-        return self._acquired_at is not None and self.lost_reason is None
+        return self._tenure.is_holding
+
+    @property
+    def held_until(self) -> float:
+        """The last successful renewal's send time plus lease-duration: others wait until then."""
+        return self._tenure.held_until
 
     @property
     def safety_deadline(self) -> float:
         """When guarded work must be dead: ``held_until`` minus a margin (10% of short leases)."""
-        return self.held_until - min(SAFETY_MARGIN, self.timing.lease_duration / 10)
+        return self._tenure.safety_deadline
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The transition count at acquisition (``None`` before the first)."""
+        return self._tenure.fencing_token
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the lease was lost (``None`` while held, or never lost)."""
+        return self._tenure.lost_reason
+
+    @property
+    def release_refused(self) -> StatusError | None:
+        """Why the API refused the release (RBAC, credentials), if it did."""
+        return self._tenure.release_refused
+
+    @property
+    def gave_back(self) -> bool:
+        """acquire() was stopped just as a write of its took the lock: it released it."""
+        return self._attempts.gave_back
+
+    @property
+    def left_queue(self) -> bool:
+        """This waiter stopped without the lock and took its entry out of the queue."""
+        return self._pacer.left_queue
 
     def held_for(self) -> float:
-        if self._acquired_at is None:
-            return 0.0
-        return trio.current_time() - self._acquired_at
+        return self._tenure.held_for()
 
-    # -- holding ----------------------------------------------------------------
+    def holding(self) -> contextlib.AbstractAsyncContextManager[Held]:
+        """See :meth:`Tenure.holding`: renew around the body, cancel it on loss, release."""
+        return self._tenure.holding()
 
-    @contextlib.asynccontextmanager
-    async def holding(self) -> AsyncIterator[Held]:
-        """Keep the acquired lock renewed while the body runs; release it when the body ends.
+    async def keep_renewing(self, on_lost: Callable[[str], None] | None = None) -> str:
+        """See :meth:`Tenure.keep_renewing`: renew until the lease is lost; return why."""
+        return await self._tenure.keep_renewing(on_lost)
 
-        The one way to hold a lock, for the CLI and the Python API alike. The
-        renew loop runs in a task beside the body. When the lease is lost, the
-        body's cancel scope is cancelled at once (the body's cancellation path
-        must stop the work before :attr:`safety_deadline`), :attr:`lost_reason`
-        says why, and leaving the block raises :class:`~kubelock.errors.LeaseLost`.
-        Whatever ends the body (return, exception, outer cancellation), the
-        lock is then released, shielded and bounded (:meth:`release`). An
-        exception of the body propagates as itself, not in an ExceptionGroup,
-        and wins over the loss.
+    def abandon(self, reason: str) -> None:
+        """Count the lock as lost without writing anything more to it. Not a checkpoint."""
+        self._tenure.abandon(reason)
 
-        A holder that was stopped or starved (SIGSTOP, a debugger, a blocked
-        loop) past :attr:`safety_deadline` counts the lock as lost when the
-        body ends, and writes nothing more to it. A release the API refuses
-        (:attr:`release_refused`) is raised after a body that ended cleanly.
-        """
-        if not self.is_holding:
-            raise RuntimeError("holding() needs the lock to be acquired first")
-        assert self.fencing_token is not None
-        store = self.store
-        held = Held(store.name, store.namespace, self.identity, self.fencing_token, self)
-        body_error: Exception | None = None
-        try:
-            async with trio.open_nursery() as nursery:
+    def work_succeeded(self) -> None:
+        """The guarded work succeeded: the release records the :attr:`once` KEY as done."""
+        self._tenure.work_succeeded()
 
-                def on_lost(reason: str) -> None:
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(self.keep_renewing, on_lost)
-                try:
-                    yield held
-                except Exception as error:
-                    # Re-raised below, outside the nursery, so callers see their
-                    # own exception rather than an ExceptionGroup.
-                    body_error = error
-                nursery.cancel_scope.cancel()
-            if trio.current_time() >= self.safety_deadline:
-                # The work outlived the deadline (its watchdog killed it, if it has one).
-                self.abandon("kubelock was not running at the lease's safety deadline")
-        finally:
-            await self.release()
-        if body_error is not None:
-            raise body_error
-        if self.lost_reason is not None:
-            raise LeaseLost(f"lost the lock {store.describe()}: {self.lost_reason}")
-        if self.release_refused is not None:
-            raise self.release_refused
+    async def release(self) -> bool:
+        """See :meth:`Tenure.release`: give the lock back; True when written."""
+        return await self._tenure.release()
 
     # -- acquire --------------------------------------------------------------
 
@@ -359,15 +269,13 @@ class Elector:
         :class:`~kubelock.errors.AlreadyDone` instead.
         """
         self._started = trio.current_time()
-        # When it came, for its place in the queue (wall clock: all must compare).
-        self._arrived = self._wall_clock()
         give_up_at = math.inf if timeout is None else self._started + max(timeout, 0.0)
         # A waiter with a time limit stays out of the queue, so that giving up
         # leaves nothing written.
-        self._in_queue = self._queue and timeout is None
+        self._pacer.begin(may_join=timeout is None)
         fatal: Exception | None = None
         acquired = False
-        self._took_lock = False
+        self._attempts.won_this_call = False
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -383,13 +291,15 @@ class Elector:
             raise
         finally:
             if not completed:
-                await self._give_back()
+                await self._attempts.give_back()
         if fatal is not None:
             raise fatal
         assert self.fencing_token is not None
-        self._acquired_at = trio.current_time()
+        self._tenure.acquired_at = trio.current_time()
         self._emit(
-            Acquired(waited=self._acquired_at - self._started, fencing_token=self.fencing_token)
+            Acquired(
+                waited=self._tenure.acquired_at - self._started, fencing_token=self.fencing_token
+            )
         )
         return self.fencing_token
 
@@ -408,7 +318,7 @@ class Elector:
                 if give_up_at <= now:
                     step_deadline = now + self.timing.renew_deadline
                 with trio.move_on_at(step_deadline) as step:
-                    if await self._try_acquire():
+                    if await self._attempts.try_once():
                         return
                 if step.cancelled_caught:
                     raise Unreachable(
@@ -423,9 +333,9 @@ class Elector:
                 self._emit(WaitFailed(error=str(error)))
                 self._give_up_if_due(give_up_at, str(error))
                 with trio.move_on_at(give_up_at):
-                    await self._sleep_jittered()
+                    await self._feed.sleep_jittered()
                 continue
-            record = self._observed.record if self._observed else None
+            record = self._view.observed.record if self._view.observed else None
             self._give_up_if_due(give_up_at, self._holder_text())
             now = trio.current_time()
             # Reported while somebody holds it (a free lock is a hand-off under way).
@@ -440,8 +350,8 @@ class Elector:
                 last_report_holder = record.holder_identity
                 last_report_time = now
                 ahead = None
-                if self._joined and self._observed is not None:
-                    raw = self._observed.raw
+                if self._pacer.in_line and self._view.observed is not None:
+                    raw = self._view.observed.raw
                     ahead = len(ahead_of(raw, self.identity, record.holder_identity))
                 self._emit(
                     Waiting(
@@ -465,7 +375,7 @@ class Elector:
             )
 
     def _holder_text(self) -> str:
-        record = self._observed.record if self._observed else None
+        record = self._view.observed.record if self._view.observed else None
         if record is None or not record.is_held:
             return "it was taken by somebody else"
         if record.unreadable:
@@ -476,683 +386,14 @@ class Elector:
         """Sleep until the watch reports a change, the lease expires, or the poll is due."""
         poll = self.timing.retry_period * (1 + self._rng.random() * JITTER_FACTOR)
         wake_at = min(trio.current_time() + poll, give_up_at)
-        expiry = self._expiry()
+        expiry = self._view.expiry()
         if expiry is not None and expiry > trio.current_time():
             wake_at = min(wake_at, expiry)
-        if self._write_at > trio.current_time():
-            wake_at = min(wake_at, self._write_at)
+        if self._pacer.write_at > trio.current_time():
+            wake_at = min(wake_at, self._pacer.write_at)
         with trio.move_on_at(wake_at):
-            await self._changed.wait()
-
-    def _expiry(self) -> float | None:
-        """Local time at which the observed lease expires (None when not held by anyone)."""
-        if self._observed is None or not self._observed.record.is_held:
-            return None
-        record = self._observed.record
-        # A record that does not parse names no lease: count this contender's own.
-        duration = (
-            self.timing.lease_duration if record.unreadable else record.lease_duration_seconds
-        )
-        return self._observed_time + duration
+            await self._attempts.changed.wait()
 
     async def _watch(self) -> None:
-        """Feed changes of the lock object into the waiting loop; restart when dropped.
-
-        Reopened from the newest version known, a bookmark's included. When
-        the server no longer has that version (410 Gone), reopened from now:
-        the current object comes first, and the observation stays, so the
-        expiry clock restarts only if the record changed.
-        """
-        backoff = self.timing.retry_period
-        quick_closes = 0
-        bookmark = ""
-        from_now = False
-        while True:
-            observed = self._observed
-            version = observed.resource_version if observed and not from_now else ""
-            if version == _DELETED:
-                version = ""
-            if bookmark and (not version or _is_older(version, bookmark)):
-                version = bookmark
-            from_now = False
-            opened = trio.current_time()
-            try:
-                async with aclosing(self.store.watch(version)) as changes:
-                    async for change in changes:
-                        backoff = self.timing.retry_period
-                        if isinstance(change, Bookmark):
-                            bookmark = change.resource_version
-                            continue
-                        if change is None:
-                            self._saw_deleted()
-                        else:
-                            self._observe(change)
-                        self._last_watch_event = trio.current_time()
-                        self._changed.set()
-            except Gone:
-                # Too old to resume: from now on, at once.
-                bookmark = ""
-                from_now = True
-                continue
-            except (Forbidden, Unauthorized) as error:
-                # Watching is not allowed (e.g. a Role written for the Go kubelock):
-                # polling every retry-period still works, only slower to hand off.
-                self._emit(
-                    WaitFailed(
-                        error=f"{error}; polling every {self.timing.retry_period:g}s instead "
-                        "(grant watch for instant hand-off)"
-                    )
-                )
-                return
-            except ApiError as error:
-                self._emit(WaitFailed(error=f"watch: {error}"))
-                await trio.sleep(backoff * (1 + self._rng.random()))
-                backoff = min(backoff * 2, 30.0)
-                continue
-            # The server closed the watch (its timeout, or a restart): reopen it at
-            # once, but back off when watches keep closing as soon as they open.
-            if trio.current_time() - opened < self.timing.retry_period:
-                quick_closes += 1
-                if quick_closes > 1:
-                    await trio.sleep(backoff * (1 + self._rng.random()))
-                    backoff = min(backoff * 2, 30.0)
-            else:
-                quick_closes = 0
-
-    def _saw_deleted(self) -> None:
-        """The lock object is gone. Held when last seen, it counts as held for a lease
-        from now: its holder's work may still be running (it stops when it notices).
-        """
-        known = self._observed
-        if known is None or not known.record.is_held:
-            self._observed = None
-            return
-        if known.resource_version == _DELETED:
-            return  # already counted from when the deletion was first seen
-        self._observed = Observed(record=known.record, resource_version=_DELETED)
-        self._observed_time = trio.current_time()
-
-    def _observe(self, observed: Observed) -> Observed:
-        """Remember a record unless a newer one is known; return the newest.
-
-        The expiry clock restarts only when the record changed. A GET's answer
-        may be older than what the watch delivered while it was in flight: it
-        never replaces the newer record.
-        """
-        known = self._observed
-        if known is not None and _is_older(observed.resource_version, known.resource_version):
-            return known
-        if known is None or observed.record != known.record:
-            self._observed_time = trio.current_time()
-        self._observed = observed
-        return observed
-
-    async def _try_acquire(self) -> bool:
-        """One acquisition attempt (client-go's ``tryAcquireOrRenew`` while not holding).
-
-        True when this contender now holds the lock; False when it is held by
-        somebody else, or somebody else's write won.
-        """
-        # A change delivered by the watch saves a GET: act on it directly. So does a
-        # watch that delivered within a poll interval (the holder's renewals): the
-        # poll only runs when the watch has gone quiet, or is down.
-        watch_is_fresh = self._changed.is_set() or (
-            trio.current_time() - self._last_watch_event
-            <= self.timing.retry_period * (1 + JITTER_FACTOR)
-        )
-        # Cleared before reading: a change the watch delivers while the GET is in
-        # flight sets it again, so no wake-up is lost.
-        self._changed = trio.Event()
-        known = self._observed
-        if watch_is_fresh and known is not None and known.resource_version != _DELETED:
-            current: Observed | None = known
-        else:
-            current = await self.store.get()
-
-        if current is None:
-            self._saw_deleted()
-            expiry = self._expiry()
-            if expiry is not None and trio.current_time() < expiry:
-                return False  # deleted while held: held for a lease from when that was seen
-            self._observed = None
-            sent = trio.current_time()
-            first = self._record(self.identity, transitions=0)
-            self._unanswered = (first, sent)
-            try:
-                created = await self._acquiring_write(lambda: self.store.create(first))
-            except Conflict:  # AlreadyExists: somebody else was first (or our lost create)
-                return False
-            if created is None:
-                return False  # no answer in time: the next read tells whether it landed
-            self._unanswered = None
-            self._took(created, sent)
-            return True
-
-        current = self._observe(current)
-        if self._is_our_lost_write(current.record):
-            # Our acquiring write landed, though its answer was lost (a dropped
-            # connection, a timeout): the lock is ours since that write was sent.
-            assert self._unanswered is not None
-            self._took(current, self._unanswered[1])
-            self._unanswered = None
-            self._joined = False
-            return True
-        first_look = not self._looked
-        self._looked = True
-        if self.once is not None:
-            done = find_done(current.raw, self.once)
-            if done is not None:
-                raise AlreadyDone(f"{self.once!r} is {describe_done(done)}", done)
-        old = current.record
-        expiry = self._expiry()
-        if old.is_held and expiry is not None and trio.current_time() < expiry:
-            # Held, and not by this process (it holds nothing while acquiring), even
-            # when the holder wrote our identity: two processes given the same --id
-            # must still exclude each other.
-            if old.holder_identity == self.identity and not self._warned_same_identity:
-                self._warned_same_identity = True
-                self._emit(
-                    WaitFailed(
-                        error=f"the lock is held under this contender's own identity "
-                        f"{self.identity!r} by another process; give each contender its "
-                        "own --id (waiting until it releases or its lease expires)"
-                    )
-                )
-            await self._join_queue(current)
-            return False
-        if await self._wait_for_turn(current, expiry):
-            return False
-        if (
-            self._defer_on_release
-            and not first_look
-            and not old.is_held
-            and not self._joined
-            and not self._passed
-        ):
-            if self._defer(current):
-                return False
-            # Let the watch hand over anything already received: a winner's write
-            # seen now saves a 409.
-            await trio.lowlevel.checkpoint()
-            if self._changed.is_set():
-                return False
-
-        record = self._record(self.identity, transitions=old.leader_transitions + 1)
-        # Our own entry, and those of the waiters we passed over, go in the same write.
-        leaving = [*self._passed, *(w for w in waiters(current.raw) if w.identity == self.identity)]
-        sent = trio.current_time()
-        self._unanswered = (record, sent)
-        try:
-            updated = await self._acquiring_write(
-                lambda: self.store.update(record, current, annotations=removals(leaving))
-            )
-        except Conflict:
-            # Somebody else wrote first: never overwrite. Their record arrives
-            # through the watch (which wakes the loop) or the next poll.
-            self._unanswered = None
-            return False
-        except NotFound:
-            self._unanswered = None
-            self._observed = None
-            return False
-        if updated is None:
-            return False  # no answer in time: the next read tells whether it landed
-        self._unanswered = None
-        self._took(updated, sent)
-        self._joined = False
-        if self._deferred_for == current.resource_version:
-            self._publish_window = next_window(self._window, self._delay, self._lateness)
-        return True
-
-    async def _join_queue(self, current: Observed) -> None:
-        """Add this waiter's entry to the queue, unless it has one (or stays out)."""
-        if not self._in_queue:
-            return
-        if has_entry(current.raw, self.identity):
-            self._joined = True
-            return
-        if self._joined:
-            # Passed over (it was too slow to take its turn, or an admin removed
-            # it): join again, at the back.
-            self._emit(
-                WaitFailed(
-                    error="this waiter's place in the queue was given up; joining the queue again"
-                )
-            )
-        # In line by when it came; once passed over, at the back.
-        since = self._wall_clock() if self._joined else self._arrived
-        mine = entry(self.identity, since, self.once)
-        if not fits(mine):
-            # An identity too long for the queue's bounds: nobody would see the entry.
-            self._in_queue = False
-            return
-        try:
-            joined = await self.store.annotate({mine.key: mine.value()})
-        except Forbidden as error:
-            # A Role written for the Go kubelock (no patch): wait outside the queue.
-            self._in_queue = False
-            self._emit(
-                WaitFailed(
-                    error=f"{error}; waiting outside the queue (grant patch on the lock "
-                    "for first come, first served)"
-                )
-            )
-            return
-        except NotFound:
-            self._saw_deleted()
-            return
-        self._joined = True
-        self._observe(joined)
-
-    async def _wait_for_turn(self, current: Observed, expiry: float | None) -> bool:
-        """True while waiters ahead of this one in the queue have the lock's turn.
-
-        The lock is free (released, or its lease expired). The first in line
-        writes at once; the waiter ``k`` places back writes ``k`` turn timeouts
-        after the lock was seen free, passing over those ahead.
-        """
-        line = waiters(current.raw)
-        if not line:
-            self._passed = []
-            return False
-        if self._in_queue and not has_entry(current.raw, self.identity):
-            await self._join_queue(current)
-            current = self._observed or current
-        ahead = ahead_of(current.raw, self.identity)
-        if not ahead:
-            self._passed = []
-            return False
-        free_since = expiry if expiry is not None else self._observed_time
-        turn = free_since + len(ahead) * self._turn_timeout
-        if trio.current_time() < turn:
-            self._write_at = turn
-            return True
-        self._passed = ahead
-        return False
-
-    async def _give_back(self) -> None:
-        """``acquire()`` ends without handing over the lock: leave the queue, and give
-        back a lock that a write of ours took meanwhile (or may have: its answer
-        never came). Shielded and bounded, as a release is.
-        """
-        if not self._took_lock and self._unanswered is not None:
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self._release_timeout),
-                contextlib.suppress(ApiError),
-            ):
-                current = await self.store.get()
-                if current is not None and self._is_our_lost_write(current.record):
-                    self._took(current, self._unanswered[1])
-        self._unanswered = None
-        if self._took_lock:
-            self._took_lock = False
-            self._acquired_at = trio.current_time()
-            self.gave_back = await self.release()
-            return
-        await self._leave_queue()
-
-    async def _acquiring_write(self, write: Callable[[], Awaitable[Observed]]) -> Observed | None:
-        """Send an acquiring write, shielded (a signal must not leave a write of unknown
-        fate behind) and bounded by the renew deadline; ``None`` when no answer came.
-        """
-        with trio.CancelScope(shield=True), trio.move_on_after(self.timing.renew_deadline):
-            return await write()
-        return None
-
-    async def _leave_queue(self) -> None:
-        """Remove this waiter's entry when it stops waiting without the lock.
-
-        Shielded and bounded, as a release is. Nothing to do when it never
-        joined, or its entry is gone (a release that recorded its ``once`` KEY
-        removes it).
-        """
-        if not self._joined:
-            return
-        self._joined = False
-        known = self._observed.raw if self._observed is not None else {}
-        if known and not has_entry(known, self.identity):
-            return
-        with (
-            trio.CancelScope(shield=True),
-            trio.move_on_after(self._release_timeout),
-            contextlib.suppress(ApiError),
-        ):
-            await self.store.annotate({queue_key(self.identity): None})
-            self.left_queue = True
-
-    def _defer(self, current: Observed) -> bool:
-        """True while this waiter should hold back its write on a lock that was released.
-
-        An expired lease (its holder died) is taken at once: that is rare, and
-        the lease duration already made everyone wait.
-
-        Not asked on the first look (nobody else may be waiting): that one writes
-        at once. Each version seen free gets one random delay in the published window.
-        """
-        if self._deferred_for != current.resource_version:
-            self._deferred_for = current.resource_version
-            self._window = handoff_window(current.raw)
-            self._delay = self._window * self._rng.random()
-            self._write_at = trio.current_time() + self._delay
-            # How late this waiter heard of the release, by the releaser's clock:
-            # a sample of how long news takes to reach the waiters (see next_window).
-            self._lateness = 0.0
-            if current.record.renew_time is not None:
-                heard = (self._wall_clock() - current.record.renew_time).total_seconds()
-                self._lateness = min(max(heard, 0.0), 1.0)
-        return trio.current_time() < self._write_at
-
-    def _record(
-        self,
-        holder: str,
-        *,
-        transitions: int,
-        acquired: datetime | None = None,
-        renewed: datetime | None = None,
-        lease_duration_seconds: int | None = None,
-    ) -> LeaderElectionRecord:
-        """A record to write now: renewed at ``renewed`` and acquired at ``acquired``
-        (default: now)."""
-        now = self._wall_clock()
-        return LeaderElectionRecord(
-            holder_identity=holder,
-            lease_duration_seconds=(
-                math.ceil(self.timing.lease_duration)
-                if lease_duration_seconds is None
-                else lease_duration_seconds
-            ),
-            acquire_time=now if acquired is None else acquired,
-            renew_time=now if renewed is None else renewed,
-            leader_transitions=transitions,
-        )
-
-    def _is_our_lost_write(self, record: LeaderElectionRecord) -> bool:
-        """True when ``record`` is the acquiring write of ours whose answer never came."""
-        if self._unanswered is None:
-            return False
-        sent = self._unanswered[0]
-        # As stored: Endpoints and ConfigMap records keep whole seconds.
-        return record in (sent, LeaderElectionRecord.from_annotation(sent.to_annotation()))
-
-    def _is_ours(self, record: LeaderElectionRecord) -> bool:
-        """True when ``record`` is this process's acquisition (identity and acquire time)."""
-        acquired = self._observed.record.acquire_time if self._observed else None
-        return record.holder_identity == self.identity and record.acquire_time == acquired
-
-    def _took(self, observed: Observed, sent: float) -> None:
-        """An acquiring write landed: we hold the lock, with this fencing token."""
-        self._took_lock = True
-        self._wrote(observed, sent)
-        self.fencing_token = observed.record.leader_transitions
-
-    def _wrote(self, observed: Observed, sent: float) -> None:
-        """A write of ours, sent at ``sent``, landed: the safety deadline moves with it."""
-        self._observed = observed
-        self._observed_time = trio.current_time()
-        self._last_renew_sent = sent
-        self.held_until = sent + self.timing.lease_duration
-
-    async def _sleep_jittered(self) -> None:
-        await trio.sleep(self.timing.retry_period * (1 + self._rng.random() * JITTER_FACTOR))
-
-    # -- renew ----------------------------------------------------------------
-
-    async def keep_renewing(self, on_lost: Callable[[str], None] | None = None) -> str:
-        """Renew every retry-period until the lease is lost; return why it was lost.
-
-        Runs forever while renewals succeed: cancel it to stop (a renewal in
-        flight finishes first, bounded by the renew deadline). The lease is
-        lost when no renewal succeeded within renew-deadline of the last
-        successful one being sent, or when another holder is seen, or the lock
-        object deleted (a watch reports both at once; renewals find them too).
-        Each request is bounded by the time left before that deadline. ``on_lost``
-        runs synchronously the moment loss is decided (:meth:`holding` cancels
-        the body's scope there).
-        """
-        if not self.is_holding:
-            raise RuntimeError("keep_renewing() needs the lock to be held")
-        reason = ""
-        async with trio.open_nursery() as nursery:
-
-            async def until_lost(find_loss: Callable[[], Awaitable[str]]) -> None:
-                nonlocal reason
-                found = await find_loss()
-                if not reason:
-                    reason = found
-                    self.lost_reason = reason
-                    self._emit(Lost(reason=reason, held=self.held_for()))
-                    if on_lost is not None:
-                        on_lost(reason)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(until_lost, self._renew_until_lost)
-            nursery.start_soon(until_lost, self._watch_while_holding)
-        return reason
-
-    def _lost_to_others(self, reason: str) -> str:
-        """The lock was taken, or its object deleted: others may hold it from now on."""
-        self.held_until = min(self.held_until, trio.current_time())
-        return reason
-
-    def _taken_by(self, record: LeaderElectionRecord) -> str:
-        holder = repr(record.holder_identity) if record.is_held else "nobody"
-        if record.holder_identity == self.identity:
-            holder = "another process with the same identity"
-        elif record.unreadable:
-            holder = "a record that does not parse"
-        return self._lost_to_others(f"the lock was taken over by {holder}")
-
-    async def _watch_while_holding(self) -> str:
-        """Return as soon as a watch shows the lock deleted or written by somebody else.
-
-        Never returns on errors: then the renewals decide.
-        """
-        bookmark = ""
-        from_now = False
-        while True:
-            held = self._observed
-            version = held.resource_version if held is not None and not from_now else ""
-            if bookmark and (not version or _is_older(version, bookmark)):
-                version = bookmark
-            from_now = False
-            opened = trio.current_time()
-            try:
-                async with aclosing(self.store.watch(version)) as changes:
-                    async for change in changes:
-                        if isinstance(change, Bookmark):
-                            bookmark = change.resource_version
-                        elif change is None:
-                            return self._lost_to_others("the lock object was deleted")
-                        elif not self._is_ours(change.record):
-                            known = self._observed
-                            if known is None or not _is_older(
-                                change.resource_version, known.resource_version
-                            ):
-                                return self._taken_by(change.record)
-            except Gone:
-                bookmark = ""
-                from_now = True
-                continue
-            except (Forbidden, Unauthorized):
-                await trio.sleep_forever()  # not allowed to watch: renewals find out
-            except ApiError:
-                pass
-            if trio.current_time() - opened < self.timing.retry_period:
-                await self._sleep_jittered()
-
-    async def _renew_until_lost(self) -> str:
-        next_attempt = self._last_renew_sent + self.timing.retry_period
-        while True:
-            await trio.sleep_until(next_attempt)
-            deadline = self._last_renew_sent + self.timing.renew_deadline
-            attempt_started = trio.current_time()
-            if attempt_started >= deadline:
-                return self._deadline_reason()
-            outcome: _RenewOutcome = _Failed("timed out")
-            # Shielded (and still bounded by the deadline): a renewal cancelled in
-            # flight may land all the same, and the release that follows would then
-            # test a record that is no longer there and be refused once.
-            with trio.CancelScope(deadline=deadline, shield=True):
-                outcome = await self._renew_once()
-            match outcome:
-                case _Kept():
-                    self._emit(Renewed(duration=trio.current_time() - attempt_started))
-                    next_attempt = self._last_renew_sent + self.timing.retry_period
-                    continue
-                case _Taken(reason=reason):
-                    return reason
-                case _Failed(error=error):
-                    self._emit(
-                        RenewFailed(error=error, duration=trio.current_time() - attempt_started)
-                    )
-            if trio.current_time() >= deadline:
-                return self._deadline_reason()
-            next_attempt = min(trio.current_time() + self.timing.retry_period, deadline)
-
-    def _deadline_reason(self) -> str:
-        return f"no renewal succeeded within the renew deadline ({self.timing.renew_deadline:g}s)"
-
-    async def _renew_once(self) -> _RenewOutcome:
-        """One renewal: kept, taken from us (the lease is lost), or failed (retry)."""
-        current = self._observed
-        assert current is not None
-        renewed: datetime | None = None  # now, unless the record would not change
-        stored = current.record.renew_time
-        if stored is not None and self._wall_clock() <= stored:
-            # A wall clock that stepped back: renewTime still only grows. A record
-            # written again as it was earlier would look unchanged to a waiter that
-            # missed the versions between (it judges by content), and its lease
-            # would expire too early by that waiter's clock.
-            renewed = stored + timedelta(seconds=1)
-        while True:
-            record = self._record(
-                self.identity,
-                acquired=current.record.acquire_time,
-                transitions=current.record.leader_transitions,
-                renewed=renewed,
-            )
-            sent = trio.current_time()
-            try:
-                updated = await self.store.update(record, current)
-            except Conflict:
-                # Somebody else wrote. Re-read: still ours (labels edited) → retry.
-                try:
-                    fresh = await self.store.get()
-                except ApiError as error:
-                    return _Failed(str(error))
-                if fresh is None:
-                    return _Taken(self._lost_to_others("the lock object was deleted"))
-                if not self._is_ours(fresh.record):
-                    self._observe(fresh)
-                    return _Taken(self._taken_by(fresh.record))
-                current = fresh
-                continue
-            except NotFound:
-                return _Taken(self._lost_to_others("the lock object was deleted"))
-            except ApiError as error:
-                return _Failed(str(error))
-            if updated.record == current.record:
-                # Nothing waiters can see changed (a record in whole seconds renewed
-                # twice in one second, or a wall clock that stepped back): the server
-                # skipped the write, so it is no renewal. Once more, renewed a second
-                # after the record's renewTime, so that it changes.
-                if renewed is not None or current.record.renew_time is None:
-                    return _Failed("the renewal changed nothing in the record")
-                renewed = current.record.renew_time + timedelta(seconds=1)
-                current = updated
-                continue
-            self._wrote(updated, sent)
-            return _Kept()
-
-    # -- giving up ------------------------------------------------------------
-
-    def abandon(self, reason: str) -> None:
-        """Count the lock as lost without writing anything more to it. Not a checkpoint."""
-        if not self.is_holding:
-            return
-        self.lost_reason = f"{reason}; others may hold it now, so nothing more is written"
-        self._emit(Lost(reason=self.lost_reason, held=self.held_for()))
-
-    # -- release --------------------------------------------------------------
-
-    def work_succeeded(self) -> None:
-        """The guarded work succeeded: the release records the :attr:`once` KEY as done."""
-        self._succeeded = True
-
-    async def release(self) -> bool:
-        """Give the lock back so the next contender starts at once; True when written.
-
-        Shielded from cancellation and bounded by ``release_timeout``: when the API
-        cannot be reached, kubelock exits anyway and the lease expires. When the
-        API refuses (403, 401, 400), :attr:`release_refused` holds the error.
-        Does nothing when the lock is not held (never acquired, or lost), and
-        writes nothing once ``held_until`` has passed (a holder that was stopped
-        or starved): the lock then counts as lost (:meth:`abandon`), and an
-        :attr:`once` KEY is not recorded. After :meth:`work_succeeded`, the same
-        conditional write records the :attr:`once` KEY as done.
-        """
-        if not self.is_holding:
-            return False
-        if trio.current_time() >= self.held_until:
-            self.abandon("kubelock was not running at the lease's deadline")
-            return False
-        held = self.held_for()
-        written = False
-        with trio.CancelScope(shield=True), trio.move_on_after(self._release_timeout):
-            written = await self._write_release()
-        self._acquired_at = None
-        done = self.once if self._succeeded else None
-        self._emit(Released(held=held, written=written, done=done))
-        return written
-
-    async def _write_release(self) -> bool:
-        current = self._observed
-        assert current is not None
-        if self.once is not None and self._succeeded:
-            # One read for the newest queue: the entries waiting for this KEY go
-            # with the release, rather than each waiter writing to leave.
-            with contextlib.suppress(ApiError):
-                fresh = await self.store.get()
-                if fresh is not None and self._is_ours(fresh.record):
-                    current = fresh
-        # Until it lands or release() gives up: a 409 is usually only a waiter
-        # joining the queue (a merge patch of its own annotation) since we read.
-        while True:
-            # As client-go does: empty holder, and a 1 s duration for old clients
-            # that do not treat an empty holder as free.
-            record = self._record(
-                "", transitions=current.record.leader_transitions, lease_duration_seconds=1
-            )
-            annotations: dict[str, str | None] = {}
-            if self._publish_window is not None:
-                annotations.update(handoff_annotation(self._publish_window))
-            if self.once is not None and self._succeeded:
-                assert self.fencing_token is not None
-                at = record.renew_time
-                done = DoneKey(self.once, self.identity, at, self.fencing_token)
-                annotations.update(done_annotation(current.raw, done))
-                # Those waiting for the same KEY have nothing left to wait for.
-                annotations.update(removals(w for w in waiters(current.raw) if w.once == self.once))
-            try:
-                self._observed = await self.store.update(record, current, annotations=annotations)
-                return True
-            except Conflict:
-                try:
-                    fresh = await self.store.get()
-                except ApiError:
-                    return False
-                if fresh is None or not self._is_ours(fresh.record):
-                    return False  # not ours any more: nothing to give back
-                current = fresh
-            except FATAL_ERRORS as error:
-                self.release_refused = error
-                return False
-            except ApiError:
-                return False
-
-
-def describe_done(done: DoneKey) -> str:
-    """``done by 'pod-a' at 2026-...Z (fencing token 3)``, for messages."""
-    at = f" at {done.at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if done.at is not None else ""
-    return f"done by {done.by!r}{at} (fencing token {done.fencing_token})"
+        """Feed changes of the lock object into the waiting loop (see :class:`Feed`)."""
+        await self._feed.follow(self._attempts.saw_change, while_holding=False)

@@ -482,10 +482,9 @@ async def test_two_processes_with_the_same_identity_still_exclude_each_other(
 ) -> None:
     """The original README races three kubelocks all given `--id 1`."""
     backend = MemoryBackend()
-    first, second = contender(backend, "1"), contender(backend, "1")
-    await first.acquire()
     seen: list[events.Event] = []
-    second._emit = seen.append
+    first, second = contender(backend, "1"), contender(backend, "1", seen)
+    await first.acquire()
     with trio.move_on_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first.keep_renewing)

@@ -2,11 +2,14 @@
 
 Each call names its object with a :class:`Target` (group, version, resource,
 namespace, name): the path is built from it, and its words name the object
-in messages. :class:`ApiClient` does four things — ``get``, ``create``, ``replace`` (PUT;
-kubelock updates rather than patches, so the Roles written for the Go
-kubelock, with verbs get/create/update, keep working) and ``watch`` — and
-turns every failure into the tree in :mod:`kubelock.errors`, with a message
-that names the verb, the object and, for 403, the RBAC rule that is missing.
+in messages. :class:`ApiClient` does ``get``, ``create``, ``replace`` (PUT),
+``json_patch`` (RFC 6902: the locks' compare-and-swap, a ``test`` then the
+write), ``merge_patch`` (RFC 7386: setting or removing annotations, as the
+queue does) and ``watch``, and turns every failure into the tree in
+:mod:`kubelock.errors` (the wording is in :mod:`kubelock.kube._errors`), with
+a message that names the verb, the object and, for 403, the RBAC rule that is
+missing. Which verbs a lock uses, and its fallback to PUT where ``patch`` is
+not granted, is up to :mod:`kubelock.locks.lease`.
 
 Retries (each request is bounded by its own deadline, ``timeout``):
 
@@ -16,7 +19,9 @@ Retries (each request is bounded by its own deadline, ``timeout``):
 * A 409 is never retried: somebody else wrote first, the caller re-reads.
 * ``replace`` is retried like ``get``: it carries the ``resourceVersion`` it
   was based on, so a retry of a PUT that did land gets a 409, never a blind
-  overwrite.
+  overwrite. So are the patches: a JSON patch that did land fails its own
+  ``test`` when sent again (a 422), and a merge patch is the same whenever
+  it lands.
 * ``create`` is retried only when the server surely did not act on it (429,
   or the connection could not even be opened). Otherwise the error is raised
   and the caller re-reads: the object may exist now, possibly created by this
@@ -39,9 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import ssl
 import sys
 from collections.abc import AsyncGenerator
 from types import TracebackType
@@ -53,22 +56,22 @@ import trio
 
 from .._version import __version__
 from ..errors import (
-    AlreadyExists,
     ApiError,
-    BadRequest,
-    Conflict,
-    Forbidden,
-    Gone,
     KubelockError,
-    NotFound,
-    ServerError,
     StatusError,
-    TooManyRequests,
-    Unauthorized,
     Unreachable,
     one_line,
 )
 from ..events import ApiRequest, Observer
+from ._errors import (
+    as_dict,
+    no_answer_error,
+    silent_error,
+    status_body,
+    status_error,
+    tls_rejected,
+    transport_problem,
+)
 from .auth import ClusterConfig
 
 #: Default bound on one call, retries included, when the caller gives none.
@@ -158,7 +161,7 @@ class _NoAnswer(Exception):
         self.problem = problem
         #: The connection was never opened: the server surely did not see the request.
         self.sent_nothing = isinstance(problem, httpx.ConnectError | httpx.ConnectTimeout)
-        self.tls_rejected = _tls_rejected(problem)
+        self.tls_rejected = tls_rejected(problem)
 
 
 class ApiClient:
@@ -329,18 +332,18 @@ class ApiClient:
                 event = _decode(line, "watch", target)
                 if event.get("type") == "ERROR":
                     status = event.get("object")
-                    raise _status_error(
+                    raise status_error(
                         "watch",
                         target,
-                        code=int(_as_dict(status).get("code") or 500),
-                        status=_as_dict(status),
+                        code=int(as_dict(status).get("code") or 500),
+                        status=as_dict(status),
                         source=self.config.source,
                         resource_version=resource_version,
                     )
                 yield event
         except httpx.TransportError as error:
             raise Unreachable(
-                f"kubelock lost its watch on {target}: {_transport_problem(error)}; "
+                f"kubelock lost its watch on {target}: {transport_problem(error)}; "
                 "it will re-read the lock",
                 verb="watch",
                 resource=target.resource,
@@ -544,139 +547,32 @@ class ApiClient:
     # -- what failures say --------------------------------------------------------------
 
     def _no_answer(self, verb: str, target: Target, failure: _NoAnswer) -> Unreachable:
-        problem = _transport_problem(failure.problem)
-        if failure.tls_rejected:
-            text = (
-                f"cannot {verb} {target}: the API server's TLS certificate was not accepted "
-                f"({problem}); check the certificate authority in {self.config.source}"
-            )
-        else:
-            text = (
-                f"cannot {verb} {target}: no answer from the API server at "
-                f"{self.config.server} ({problem}); check that it runs and is reachable"
-            )
-        return Unreachable(text, verb=verb, resource=target.resource)
+        return no_answer_error(
+            verb,
+            target,
+            failure.problem,
+            failure.tls_rejected,
+            self.config.server,
+            self.config.source,
+        )
 
     def _silent(
         self, verb: str, target: Target, budget: float, last_error: ApiError | None
     ) -> Unreachable:
-        hint = f" (last error: {last_error})" if last_error is not None else ""
-        return Unreachable(
-            f"cannot {verb} {target}: no answer from the API server at "
-            f"{self.config.server} within {budget:g}s; check that it runs and is "
-            f"reachable{hint}",
-            verb=verb,
-            resource=target.resource,
-        )
+        return silent_error(verb, target, self.config.server, budget, last_error)
 
     def _failure(
         self, verb: str, target: Target, response: httpx.Response, *, resource_version: str = ""
     ) -> StatusError:
-        return _status_error(
+        return status_error(
             verb,
             target,
             code=response.status_code,
-            status=_status_body(response),
+            status=status_body(response),
             source=self.config.source,
             resource_version=resource_version,
             retry_after_header=response.headers.get("Retry-After"),
         )
-
-
-# -- Status → exception ---------------------------------------------------------
-
-
-def _status_error(
-    verb: str,
-    target: Target,
-    *,
-    code: int,
-    status: dict[str, Any],
-    source: str,
-    resource_version: str = "",
-    retry_after_header: str | None = None,
-) -> StatusError:
-    """The exception for a failure ``Status``, with a message for people."""
-    reason = str(status.get("reason") or "")
-    server = one_line(str(status.get("message") or reason or f"HTTP {code}"))
-    retry_after = _retry_after(retry_after_header, status)
-    head = f"cannot {verb} {target}"
-
-    kind: type[StatusError]
-    if code in (400, 422):
-        kind = BadRequest
-        text = (
-            f"{head}: the API server rejected the request as invalid (HTTP {code}), "
-            "so kubelock stops instead of retrying; fix what the server names"
-        )
-    elif code == 401:
-        kind = Unauthorized
-        text = (
-            f"{head}: the API server did not accept the credentials from {source}; "
-            "renew the token or fix the kubeconfig"
-        )
-    elif code == 403:
-        kind = Forbidden
-        text = f"{head}: forbidden. Grant the verb with a Role rule {target.rbac_rule(verb)}"
-    elif code == 404:
-        kind = NotFound
-        text = f"{head}: not found; check the namespace and the name"
-    elif code == 409 and reason == "AlreadyExists":
-        kind = AlreadyExists
-        text = f"{head}: it already exists (somebody else created it first); re-read it"
-    elif code == 409:
-        kind = Conflict
-        text = f"{head}: it changed since it was read (conflict); re-read it, never overwrite"
-    elif code == 410:
-        kind = Gone
-        version = f' "{resource_version}"' if resource_version else ""
-        text = f"{head}: the resourceVersion{version} is too old (gone); re-read and watch again"
-    elif code == 429:
-        kind = TooManyRequests
-        text = f"{head}: the API server asks to slow down (too many requests); retry later"
-    elif code >= 500:
-        kind = ServerError
-        text = (
-            f"{head}: the API server failed (HTTP {code}); retry later or check the control plane"
-        )
-    else:
-        kind = StatusError
-        text = f"{head}: unexpected answer HTTP {code}"
-    return kind(
-        f"{text}. The server said: {server}",
-        status_code=code,
-        reason=reason,
-        server_message=server,
-        verb=verb,
-        resource=target.resource,
-        retry_after=retry_after,
-    )
-
-
-def _status_body(response: httpx.Response) -> dict[str, Any]:
-    """The ``Status`` object of a failed reply, or a stand-in built from its text."""
-    try:
-        data = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        data = None
-    if isinstance(data, dict) and data.get("kind") == "Status":
-        return data
-    text = one_line(response.text)[:200] if response.text else ""
-    return {"message": text or response.reason_phrase or f"HTTP {response.status_code}"}
-
-
-def _retry_after(header: str | None, status: dict[str, Any]) -> float | None:
-    """Seconds to wait, from the ``Retry-After`` header or ``details.retryAfterSeconds``."""
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            pass  # an HTTP date: the API server never sends one
-    details = _as_dict(status.get("details"))
-    seconds = details.get("retryAfterSeconds")
-    if isinstance(seconds, int | float) and seconds > 0:
-        return float(seconds)
-    return None
 
 
 def _as_object(response: httpx.Response, verb: str, target: Target) -> dict[str, Any]:
@@ -708,35 +604,3 @@ def _decode(line: str, verb: str, target: Target) -> dict[str, Any]:
             resource=target.resource,
         )
     return data
-
-
-def _as_dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _tls_rejected(error: BaseException) -> bool:
-    return any(isinstance(cause, ssl.SSLError) for cause in _causes(error))
-
-
-def _transport_problem(error: httpx.TransportError) -> str:
-    """The most specific words for a failed exchange: the OS's or the TLS library's."""
-    for cause in _causes(error):
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return getattr(cause, "verify_message", None) or str(cause)
-        if isinstance(cause, ssl.SSLError):
-            return cause.reason or str(cause)
-        if isinstance(cause, OSError) and cause.errno:
-            return os.strerror(cause.errno).lower()
-    text = one_line(str(error))
-    return text or type(error).__name__
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in seen:
-        seen.append(current)
-        if isinstance(current, BaseExceptionGroup):
-            seen.extend(current.exceptions)
-        current = current.__cause__ or current.__context__
-    return seen

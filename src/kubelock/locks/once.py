@@ -99,3 +99,9 @@ def done_annotation(obj: Mapping[str, Any], done: DoneKey) -> dict[str, str]:
     kept.append(done)
     value = json.dumps([entry.to_json() for entry in kept[-DONE_KEEP:]], separators=(",", ":"))
     return {DONE_ANNOTATION: value}
+
+
+def describe_done(done: DoneKey) -> str:
+    """``done by 'pod-a' at 2026-...Z (fencing token 3)``, for messages."""
+    at = f" at {done.at.strftime('%Y-%m-%dT%H:%M:%SZ')}" if done.at is not None else ""
+    return f"done by {done.by!r}{at} (fencing token {done.fencing_token})"
