@@ -110,7 +110,11 @@ def test_a_signal_during_the_release_leaves_the_commands_status(
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_a_signal_while_the_command_is_stopped_after_a_lost_lease_is_forwarded(
-    kubeconfig: Path, namespace: str, tmp_path: Path, admin: httpx.Client, signum: signal.Signals
+    control_plane: ControlPlane,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    signum: signal.Signals,
 ) -> None:
     started, terminated, got_usr1 = tmp_path / "started", tmp_path / "terminated", tmp_path / "usr1"
     process = spawn(
@@ -129,20 +133,14 @@ def test_a_signal_while_the_command_is_stopped_after_a_lost_lease_is_forwarded(
     )
     try:
         wait_for(started.exists, what="the command to start")
-        # Take the lock over through the API: kubelock loses it and stops the command, which
-        # shrugs SIGTERM off, so the stopping lasts until SIGKILL at the safety deadline.
-        path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/stopping"
-        while True:
-            record = lease(admin, namespace, "stopping")
-            assert record is not None
-            record["spec"]["holderIdentity"] = "intruder"
-            response = admin.put(path, json=record)
-            if response.status_code != 409:
-                break
-        response.raise_for_status()
-        wait_for(terminated.exists, timeout=60, what="kubelock to stop the command")
-        process.send_signal(signum)
-        assert process.wait(timeout=60) == EXIT_LEASE_LOST
+        # The API server frozen: no renewal lands, so kubelock loses the lease at its
+        # renew deadline and stops the command, which shrugs SIGTERM off: the stopping
+        # lasts until SIGKILL at the safety deadline. (A lock taken over through the
+        # API would have it SIGKILLed at once: no window to send a signal in.)
+        with frozen(control_plane.pids["kube-apiserver"]):
+            wait_for(terminated.exists, timeout=60, what="kubelock to stop the command")
+            process.send_signal(signum)
+            assert process.wait(timeout=60) == EXIT_LEASE_LOST
     finally:
         process.kill()
         process.wait()
