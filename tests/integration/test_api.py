@@ -24,8 +24,9 @@ from kubelock.errors import (
     Unreachable,
 )
 from kubelock.events import ApiRequest, Event
-from kubelock.kube.api import ApiClient, Target
+from kubelock.kube.api import ApiClient
 from kubelock.kube.auth import ClusterConfig, load_config
+from kubelock.kube.target import Target
 from kubelock.testing import ControlPlane, IdentityFactory, InClusterFactory
 
 LEASE_RULE = {

@@ -15,8 +15,9 @@ import pytest
 import trio
 
 from kubelock.errors import AlreadyExists, BadRequest, Conflict, Forbidden, UsageError
-from kubelock.kube.api import ApiClient, Target
+from kubelock.kube.api import ApiClient
 from kubelock.kube.auth import ClusterConfig, load_config
+from kubelock.kube.target import Target
 from kubelock.locks import (
     LEADER_ANNOTATION,
     Bookmark,

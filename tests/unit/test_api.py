@@ -33,8 +33,9 @@ from kubelock.errors import (
     Unreachable,
 )
 from kubelock.events import ApiRequest, Event
-from kubelock.kube.api import ApiClient, Target
+from kubelock.kube.api import ApiClient
 from kubelock.kube.auth import ClusterConfig
+from kubelock.kube.target import Target
 
 from .fresh import output_of
 

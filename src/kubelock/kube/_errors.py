@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
@@ -33,9 +33,7 @@ from ..errors import (
     Unreachable,
     one_line,
 )
-
-if TYPE_CHECKING:
-    from .api import Target
+from .target import Target
 
 
 def status_error(

@@ -42,14 +42,12 @@ report, transport failures).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import sys
 from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote
 
 import httpx
 import trio
@@ -73,6 +71,7 @@ from ._errors import (
     transport_problem,
 )
 from .auth import ClusterConfig
+from .target import Target
 
 #: Default bound on one call, retries included, when the caller gives none.
 DEFAULT_TIMEOUT = 30.0
@@ -90,7 +89,6 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DEFAULT_WATCH_SECONDS",
     "ApiClient",
-    "Target",
     "import_httpcore_lean",
 ]
 
@@ -118,39 +116,6 @@ def import_httpcore_lean() -> None:
     finally:
         for name in hidden:
             del sys.modules[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One namespaced object: where it is in the API, and how messages name it."""
-
-    group: str  # "" for the core group
-    version: str
-    resource: str  # plural: "leases", "endpoints", "configmaps"
-    namespace: str
-    name: str
-
-    @property
-    def api_version(self) -> str:
-        """``coordination.k8s.io/v1``, or ``v1`` for the core group."""
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    @property
-    def collection_path(self) -> str:
-        """``/apis/coordination.k8s.io/v1/namespaces/ns/leases``; core objects under ``/api/v1``."""
-        prefix = f"/apis/{self.api_version}" if self.group else f"/api/{self.version}"
-        return f"{prefix}/namespaces/{quote(self.namespace, safe='')}/{self.resource}"
-
-    @property
-    def path(self) -> str:
-        """The object's own path: :attr:`collection_path` and its name."""
-        return f"{self.collection_path}/{quote(self.name, safe='')}"
-
-    def __str__(self) -> str:
-        return f'{self.resource} "{self.name}" in namespace "{self.namespace}"'
-
-    def rbac_rule(self, verb: str) -> str:
-        return f'{{apiGroups: ["{self.group}"], resources: ["{self.resource}"], verbs: ["{verb}"]}}'
 
 
 class _NoAnswer(Exception):

@@ -29,7 +29,8 @@ from contextlib import aclosing
 from typing import Any
 
 from ..errors import BadRequest, Conflict, Forbidden, NotFound
-from ..kube.api import ApiClient, Target
+from ..kube.api import ApiClient
+from ..kube.target import Target
 from .base import Bookmark, Observed
 from .record import UNREADABLE_RECORD, LeaderElectionRecord, annotations_of
 
