@@ -281,7 +281,15 @@ async def test_a_first_waiter_that_polls_takes_its_turn_before_a_later_one_that_
         nursery.start_soon(run, watching)
         await trio.sleep(1)
         assert backend.current is not None
-        assert [w.identity for w in waiters(backend.current.raw)] == ["polling", "watching"]
+        line = waiters(backend.current.raw)
+        assert [w.identity for w in line] == ["polling", "watching"]
+        # Refused its watch, the polling waiter rewrote its entry once (a join and a
+        # rewrite), keeping its place, to say it hears of its turn up to a poll late.
+        assert [w.turn for w in line] == [
+            pytest.approx(TIMING.retry_period * (1 + JITTER_FACTOR) + TURN_TIMEOUT),
+            TURN_TIMEOUT,
+        ]
+        assert memory_store(polling).requests.count("patch") == 2
         # Released just after the polling waiter read the lock: it hears of the
         # release only at its next poll, more than one TURN_TIMEOUT later.
         await _after_a_poll_of(polling)
