@@ -169,6 +169,7 @@ class Elector:
             release_timeout=release_timeout,
             queue=queue,
             turn_timeout=turn_timeout,
+            retry_period=self.timing.retry_period,
             defer_on_release=defer_on_release,
         )
         self._attempts = Attempts(
@@ -397,3 +398,7 @@ class Elector:
     async def _watch(self) -> None:
         """Feed changes of the lock object into the waiting loop (see :class:`Feed`)."""
         await self._feed.follow(self._attempts.saw_change, while_holding=False)
+        # Watching is not allowed: this waiter polls, and hears of its turn late. Its
+        # entry says so at once (the next attempt rewrites it), so it is not passed over.
+        self._pacer.cannot_watch()
+        self._attempts.changed.set()

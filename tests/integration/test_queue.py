@@ -2,7 +2,7 @@
 
 Waiters take the lock in the order they came, with no refused write; a
 waiter that died is passed over and its entry removed; a waiter stopped while
-waiting takes its entry out.
+waiting takes its entry out; a waiter that may only poll is not passed over.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from typing import Any
 
 import httpx
 
+from kubelock.testing import ControlPlane
+
 from .kubelock_proc import hold_until, lease, spawn, wait_for
+from .test_deploy import LOCK_NAME, apply_base_rbac
 
 QUICK = ["--lease-duration", "6s", "--renew-deadline", "4s", "--retry-period", "1s"]
 QUEUE_PREFIX = "queue.kubelock.io/"
@@ -39,9 +42,9 @@ def options(kubeconfig: Path, namespace: str, identity: str, *extra: str) -> lis
     ]
 
 
-def entries(admin: httpx.Client, namespace: str) -> list[str]:
+def entries(admin: httpx.Client, namespace: str, name: str = "queue") -> list[str]:
     """The identities in the queue, as the lock object says."""
-    found: dict[str, Any] = lease(admin, namespace, "queue") or {}
+    found: dict[str, Any] = lease(admin, namespace, name) or {}
     annotations = (found.get("metadata") or {}).get("annotations") or {}
     return sorted(
         json.loads(value)["id"]
@@ -50,8 +53,8 @@ def entries(admin: httpx.Client, namespace: str) -> list[str]:
     )
 
 
-def holder(admin: httpx.Client, namespace: str) -> str | None:
-    found = lease(admin, namespace, "queue")
+def holder(admin: httpx.Client, namespace: str, name: str = "queue") -> str | None:
+    found = lease(admin, namespace, name)
     return None if found is None else found["spec"].get("holderIdentity")
 
 
@@ -178,3 +181,56 @@ def test_a_waiter_stopped_while_waiting_takes_its_entry_out(
     finally:
         first.terminate()
         first.wait(timeout=30)
+
+
+def test_a_first_waiter_without_watch_takes_its_turn_before_a_later_one_that_watches(
+    control_plane: ControlPlane,
+    kubeconfig: Path,
+    namespace: str,
+    admin: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    # The Role's lock (its resourceNames), without watch: the waiter given it polls.
+    apply_base_rbac(control_plane, admin, tmp_path, namespace, without="watch")
+    without_watch = control_plane.in_cluster_environment(
+        namespace, "kubelock", tmp_path / "serviceaccount"
+    )
+    # The default retry-period (2s): the polling waiter hears of a release up to 4.4s
+    # late, far more than the 1s turn a waiter that watches has.
+    admin_options = ["--kubeconfig", str(kubeconfig), "--namespace", namespace]
+    log = tmp_path / "order"
+    command = ["sh", "-c", f'echo "$KUBELOCK_IDENTITY" >> "{log}"']
+    go = tmp_path / "go"
+    first = spawn([*admin_options, "--id", "first", *hold_until(go)], stderr=subprocess.DEVNULL)
+    wait_for(lambda: holder(admin, namespace, LOCK_NAME) == "first", what="first to hold")
+    polling_log = tmp_path / "polling.stderr"
+    with polling_log.open("w") as stderr_file:
+        polling = spawn(
+            ["--id", "polling", "--verbose", *command], env=without_watch, stderr=stderr_file
+        )
+    wait_for(
+        lambda: "polling every" in polling_log.read_text(),
+        what="the waiter without watch to be refused its watch",
+    )
+    watching = spawn([*admin_options, "--id", "watching", *command], stderr=subprocess.PIPE)
+
+    def both_in_line() -> bool:
+        return entries(admin, namespace, LOCK_NAME) == ["polling", "watching"]
+
+    wait_for(both_in_line, what="both waiters to join the queue")
+    # Released just after the polling waiter read the lock (still held): it hears
+    # of the release only at its next poll, a retry-period or more later.
+    gets = polling_log.read_text().count("API get: 200")
+    wait_for(
+        lambda: polling_log.read_text().count("API get: 200") > gets,
+        what="the polling waiter to poll",
+    )
+    go.touch()
+    assert first.wait(timeout=60) == 0
+    _, watching_log = watching.communicate(timeout=60)
+    assert watching.returncode == 0, watching_log
+    assert polling.wait(timeout=60) == 0, polling_log.read_text()
+    # The polling waiter came first and took its turn first: not passed over.
+    assert log.read_text().split() == ["polling", "watching"], polling_log.read_text()
+    assert "joining the queue again" not in polling_log.read_text()
+    assert entries(admin, namespace, LOCK_NAME) == []

@@ -305,3 +305,31 @@ async def test_a_timeout_bounds_a_first_read_that_never_answers(
         await b.acquire(timeout=3)  # (fail_after: mock time, so the old hang fails fast)
     assert trio.current_time() == pytest.approx(3)
     assert backend.history == []
+
+
+async def test_a_lock_deleted_while_held_is_created_again_with_a_greater_fencing_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    first = contender(backend, "first", STEADY)
+    await first.acquire()
+    await first.release()
+    a = contender(backend, "a", STEADY)
+    a_token = await a.acquire()
+    assert a_token == 1
+    b = contender(backend, "b", STEADY)
+    b_tokens: list[int] = []
+
+    async def run_b() -> None:
+        b_tokens.append(await b.acquire())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_b)
+        with pytest.raises(LeaseLost, match="deleted"):
+            async with a.holding():
+                await trio.sleep(5)
+                backend.delete()  # kubectl delete lease
+                await trio.sleep_forever()
+    # b saw the lock held before it was deleted: the token it creates the lock
+    # again with goes on from there, so the guarded resource can still fence a.
+    assert b_tokens == [a_token + 1]

@@ -6,6 +6,7 @@ rules run against the real API server in tests/integration/test_queue.py.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,10 +19,11 @@ from kubelock.election import Elector
 from kubelock.errors import AlreadyDone, WaitTimedOut
 from kubelock.locks.base import Observed
 from kubelock.locks.queue import TURN_TIMEOUT, ahead_of, entry, queue_key, waiters
-from kubelock.locks.record import LeaderElectionRecord
+from kubelock.locks.record import LeaderElectionRecord, format_micro_time
+from kubelock.settings import JITTER_FACTOR
 
 from .memstore import MemoryBackend
-from .test_election import contender, memory_store
+from .test_election import TIMING, contender, memory_store
 
 
 async def test_waiters_take_the_lock_in_the_order_they_came_with_one_write_each(
@@ -247,3 +249,96 @@ async def test_a_release_outlasts_any_number_of_waiters_joining_meanwhile(
     assert backend.current is not None
     assert not backend.current.record.is_held
     assert len(waiters(backend.current.raw)) == 10
+
+
+async def _after_a_poll_of(elector: Elector) -> None:
+    """Return just after ``elector``'s next GET: its following poll is a retry-period away."""
+    requests = memory_store(elector).requests
+    gets = requests.count("get")
+    while requests.count("get") == gets:  # noqa: ASYNC110 (the store's log has nothing to wait on)
+        await trio.sleep(0.01)
+
+
+async def test_a_first_waiter_that_polls_takes_its_turn_before_a_later_one_that_watches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    order: list[str] = []
+    polling = contender(backend, "polling")
+    memory_store(polling).watch_forbidden = True  # a Role without watch
+    watching = contender(backend, "watching")
+
+    async def run(elector: Elector) -> None:
+        await elector.acquire()
+        order.append(elector.identity)
+        await elector.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, polling)
+        await trio.sleep(1)
+        nursery.start_soon(run, watching)
+        await trio.sleep(1)
+        assert backend.current is not None
+        line = waiters(backend.current.raw)
+        assert [w.identity for w in line] == ["polling", "watching"]
+        # Refused its watch, the polling waiter rewrote its entry once (a join and a
+        # rewrite), keeping its place, to say it hears of its turn up to a poll late.
+        assert [w.turn for w in line] == [
+            pytest.approx(TIMING.retry_period * (1 + JITTER_FACTOR) + TURN_TIMEOUT),
+            TURN_TIMEOUT,
+        ]
+        assert memory_store(polling).requests.count("patch") == 2
+        # Released just after the polling waiter read the lock: it hears of the
+        # release only at its next poll, more than one TURN_TIMEOUT later.
+        await _after_a_poll_of(polling)
+        await a.release()
+    assert order == ["polling", "watching"]
+
+
+def _ghost(name: str, since: datetime, turn: Any) -> tuple[str, str]:
+    """The entry of a waiter that joined at ``since`` and died, its ``turn`` as given."""
+    value = {"id": name, "since": format_micro_time(since), "turn": turn}
+    return queue_key(name), json.dumps(value)
+
+
+async def _waited_behind(ghosts: dict[str, str]) -> float:
+    """How long a watching waiter behind ``ghosts`` waits after the release to take the lock."""
+    backend = MemoryBackend()
+    a = contender(backend, "a")
+    await a.acquire()
+    backend._store(a_record(backend), "ghosts", ghosts, verb="patch")
+    b = contender(backend, "b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire)
+        await trio.sleep(5)
+        await a.release()
+        released = trio.current_time()
+    assert b.is_holding
+    assert backend.current is not None
+    assert waiters(backend.current.raw) == []  # the ghosts were passed over
+    return trio.current_time() - released
+
+
+async def test_a_dead_waiter_that_polled_is_passed_over_after_its_longer_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    polls_turn = TIMING.retry_period * (1 + JITTER_FACTOR) + TURN_TIMEOUT
+    key, value = _ghost("ghost", datetime(2026, 1, 1, tzinfo=UTC), polls_turn)
+    waited = await _waited_behind({key: value})
+    assert waited == pytest.approx(polls_turn, abs=0.05)
+
+
+@pytest.mark.parametrize("hostile", ["1e999", -1, "a string", 0, 301, True, None, [1]])
+async def test_a_hostile_turn_counts_as_one_turn_timeout(
+    autojump_clock: trio.testing.MockClock, hostile: Any
+) -> None:
+    early = datetime(2026, 1, 1, tzinfo=UTC)
+    hostile_key, hostile_value = _ghost("hostile", early, hostile)
+    if hostile == "1e999":  # a JSON number beyond a float: inf
+        hostile_value = hostile_value.replace('"1e999"', "1e999")
+    slow_key, slow_value = _ghost("slow", early + timedelta(seconds=1), 3)
+    assert waiters({"metadata": {"annotations": {hostile_key: hostile_value}}})[0].turn is None
+    waited = await _waited_behind({hostile_key: hostile_value, slow_key: slow_value})
+    assert waited == pytest.approx(TURN_TIMEOUT + 3, abs=0.05)

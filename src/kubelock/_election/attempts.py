@@ -23,7 +23,7 @@ from ..events import Observer, WaitFailed
 from ..locks.base import LockStore, Observed
 from ..locks.once import describe_done, find_done
 from ..locks.queue import removals, waiters
-from ..locks.record import LeaderElectionRecord
+from ..locks.record import MAX_COUNT, LeaderElectionRecord
 from ..settings import JITTER_FACTOR, ElectionTiming
 from .pacer import Pacer
 from .tenure import Tenure
@@ -104,7 +104,11 @@ class Attempts:
                 return False  # deleted while held: held for a lease from when that was seen
             self._view.observed = None
             sent = trio.current_time()
-            first = self._tenure.record(self.identity, transitions=0)
+            # The fencing token only grows: seen before its deletion, the lock
+            # goes on from its last count (a contender that never saw it cannot).
+            seen = self._view.most_transitions
+            transitions = 0 if seen is None else min(seen + 1, MAX_COUNT)
+            first = self._tenure.record(self.identity, transitions=transitions)
             self._unanswered = (first, sent)
             try:
                 created = await self._acquiring_write(lambda: self.store.create(first))

@@ -4,9 +4,12 @@ Two ways to keep waiters from all writing at once when the lock comes free:
 
 * the queue (:mod:`kubelock.locks.queue`): a waiter adds its entry to the lock
   object (:meth:`Pacer.join`); when the lock is free the first in line writes
-  at once, and the waiter ``k`` places back only ``k`` turn timeouts later,
-  passing over those ahead (:meth:`Pacer.wait_for_turn`). A waiter that stops
-  without the lock takes its entry out (:meth:`Pacer.leave`);
+  at once, and the waiter ``k`` places back only when the ``k`` ahead have
+  had their turns, passing over them (:meth:`Pacer.wait_for_turn`). Each
+  entry says how long its turn is: a turn timeout for a waiter that watches,
+  plus its longest poll interval for one that may not
+  (:meth:`Pacer.cannot_watch`). A waiter that stops without the lock takes
+  its entry out (:meth:`Pacer.leave`);
 * the hand-off window (:mod:`kubelock.locks.handoff`), for a waiter outside
   the queue when nobody is in line: a random delay in the published window,
   once per version seen free (:meth:`Pacer.defer`).
@@ -17,10 +20,12 @@ Either way the answer is "write now", or "wait until :attr:`Pacer.write_at`".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 
 import trio
 
@@ -28,7 +33,18 @@ from ..errors import ApiError, Forbidden, NotFound
 from ..events import Observer, WaitFailed
 from ..locks.base import LockStore, Observed
 from ..locks.handoff import handoff_window, next_window
-from ..locks.queue import Waiter, ahead_of, entry, fits, has_entry, queue_key, waiters
+from ..locks.queue import (
+    MAX_TURN,
+    Waiter,
+    ahead_of,
+    entry,
+    fits,
+    has_entry,
+    queue_key,
+    turns,
+    waiters,
+)
+from ..settings import JITTER_FACTOR
 from .view import View
 
 
@@ -48,6 +64,7 @@ class Pacer:
         release_timeout: float,
         queue: bool,
         turn_timeout: float,
+        retry_period: float,
         defer_on_release: bool,
     ) -> None:
         self.store = store
@@ -62,6 +79,10 @@ class Pacer:
         # (:meth:`begin`); whether it has an entry; whom it passes over in line.
         self._queue = queue
         self._turn_timeout = turn_timeout
+        # Its longest poll interval: a waiter that may not watch hears that late.
+        self._longest_poll = retry_period * (1 + JITTER_FACTOR)
+        #: The ``turn`` its entry says: a turn timeout while it may watch.
+        self.turn = _as_written(turn_timeout)
         self.may_join = False
         self.in_line = False
         self.passed_over: list[Waiter] = []
@@ -116,6 +137,10 @@ class Pacer:
             return
         if has_entry(current.raw, self.identity):
             self.in_line = True
+            own = self._own_entry(current.raw)
+            if own is not None and own.turn != self.turn:
+                # Its turn changed (it found it may not watch): say so, in its place.
+                await self._write(dataclasses.replace(own, turn=self.turn))
             return
         if self.in_line:
             # Passed over (it was too slow to take its turn, or an admin removed
@@ -127,11 +152,24 @@ class Pacer:
             )
         # In line by when it came; once passed over, at the back.
         since = self._wall_clock() if self.in_line else self.arrived
-        mine = entry(self.identity, since, self.once)
+        mine = entry(self.identity, since, self.once, self.turn)
         if not fits(mine):
             # An identity too long for the queue's bounds: nobody would see the entry.
             self.may_join = False
             return
+        await self._write(mine)
+
+    def cannot_watch(self) -> None:
+        """Watching is not allowed: this waiter polls, so hears of its turn up to its
+        longest poll interval late. Its entry says so from the next attempt on."""
+        self.turn = _as_written(min(self._turn_timeout + self._longest_poll, MAX_TURN))
+
+    def _own_entry(self, raw: Mapping[str, Any]) -> Waiter | None:
+        key = queue_key(self.identity)
+        return next((waiter for waiter in waiters(raw) if waiter.key == key), None)
+
+    async def _write(self, mine: Waiter) -> None:
+        """Write this waiter's entry (one merge patch, never a conflict)."""
         try:
             joined = await self.store.annotate({mine.key: mine.value()})
         except Forbidden as error:
@@ -154,14 +192,18 @@ class Pacer:
         """True while waiters ahead of this one in the queue have the lock's turn.
 
         The lock is free (released, or its lease expired). The first in line
-        writes at once; the waiter ``k`` places back writes ``k`` turn timeouts
-        after the lock was seen free, passing over those ahead.
+        writes at once; the waiter ``k`` places back writes when the turns of
+        the ``k`` ahead (as their entries say) have passed since the lock was
+        seen free, passing over those ahead.
         """
         line = waiters(current.raw)
         if not line:
             self.passed_over = []
             return False
-        if self.may_join and not has_entry(current.raw, self.identity):
+        own = self._own_entry(current.raw)
+        if self.may_join and (
+            not has_entry(current.raw, self.identity) or (own is not None and own.turn != self.turn)
+        ):
             await self.join(current)
             current = self._view.observed or current
         ahead = ahead_of(current.raw, self.identity)
@@ -169,7 +211,7 @@ class Pacer:
             self.passed_over = []
             return False
         free_since = expiry if expiry is not None else self._view.changed_at
-        turn = free_since + len(ahead) * self._turn_timeout
+        turn = free_since + turns(ahead, self._turn_timeout)
         if trio.current_time() < turn:
             self.write_at = turn
             return True
@@ -218,3 +260,8 @@ class Pacer:
                 heard = (self._wall_clock() - current.record.renew_time).total_seconds()
                 self._heard_late_by = min(max(heard, 0.0), 1.0)
         return trio.current_time() < self.write_at
+
+
+def _as_written(turn: float) -> float | None:
+    """``turn`` as others read it from an entry: out of bounds, not said."""
+    return turn if 0 < turn <= MAX_TURN else None

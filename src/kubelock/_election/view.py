@@ -39,6 +39,9 @@ class View:
         self.observed: Observed | None = None
         #: ``trio.current_time()`` when :attr:`observed` last changed.
         self.changed_at = -math.inf
+        #: The greatest transition count (fencing token) seen on the lock object,
+        #: kept when it is deleted: a lock created again goes on from there.
+        self.most_transitions: int | None = None
 
     def observe(self, observed: Observed) -> Observed:
         """Remember a record unless a newer one is known; return the newest.
@@ -53,12 +56,19 @@ class View:
         if known is None or observed.record != known.record:
             self.changed_at = trio.current_time()
         self.observed = observed
+        self._saw_transitions(observed)
         return observed
 
     def wrote(self, observed: Observed) -> None:
         """A write of ours landed: it is what we saw, changed now."""
         self.observed = observed
         self.changed_at = trio.current_time()
+        self._saw_transitions(observed)
+
+    def _saw_transitions(self, observed: Observed) -> None:
+        transitions = observed.record.leader_transitions
+        if self.most_transitions is None or transitions > self.most_transitions:
+            self.most_transitions = transitions
 
     def saw_deleted(self) -> None:
         """The lock object is gone. Held when last seen, it counts as held for a lease

@@ -7,7 +7,9 @@ with a JSON merge patch (never a conflict, so arrivals do not collide)::
       {"id": "web-7d9f-abcde", "since": "2026-11-30T01:02:03.456789Z"}
 
 The key is a digest of the identity; ``since`` is the waiter's wall clock
-when it joined, and ``once`` its KEY when it runs with ``--once``. Everyone
+when it joined, ``once`` its KEY when it runs with ``--once``, and ``turn``
+how many seconds it may take to react to a free lock (:data:`TURN_TIMEOUT`
+when it watches; a waiter that may only poll adds its longest poll interval). Everyone
 reads the same annotations, so everyone agrees on the order: by ``since``,
 then identity. When the lock comes free, the first waiter in that order
 writes at once; the others write nothing, and see it take the lock through
@@ -16,7 +18,8 @@ however many wait.
 
 A waiter that does not take its turn (it died, or is too slow) is passed
 over: the waiter ``k`` places behind the free lock's first sight writes
-after ``k`` turn timeouts (:data:`TURN_TIMEOUT`), and its write removes the
+after the turns of the ``k`` ahead of it (an entry without one, from
+an older kubelock, counts :data:`TURN_TIMEOUT`), and its write removes the
 entries of those it passed. A live waiter that finds its entry gone joins
 again, at the back. An acquisition removes its own entry in the same
 conditional write; a release that records a ``--once`` KEY removes the
@@ -32,7 +35,8 @@ Anybody with ``patch`` on the object can write entries, so what is parsed and
 kept is bounded: an entry longer than :data:`MAX_ENTRY_LENGTH`, or whose
 identity or KEY is longer than an identity or a KEY may be, is left out like
 one that does not parse. A waiter whose own entry would be that long waits
-outside the queue.
+outside the queue. A ``turn`` outside (0, :data:`MAX_TURN`] counts as
+:data:`TURN_TIMEOUT`, so that no entry can hold the line up for long.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from .record import annotations_of, format_micro_time, parse_time
 __all__ = [
     "MAX_ENTRY_LENGTH",
     "MAX_IDENTITY_LENGTH",
+    "MAX_TURN",
     "QUEUE_PREFIX",
     "TURN_TIMEOUT",
     "Waiter",
@@ -60,6 +65,7 @@ __all__ = [
     "has_entry",
     "queue_key",
     "removals",
+    "turns",
     "waiters",
 ]
 
@@ -67,6 +73,8 @@ QUEUE_PREFIX = "queue.kubelock.io/"
 #: How long a waiter has for its turn (seconds after the lock was seen free)
 #: before the next one in line writes instead.
 TURN_TIMEOUT = 1.0
+#: The longest ``turn`` an entry may claim (seconds); beyond it, it counts as TURN_TIMEOUT.
+MAX_TURN = 300.0
 #: The longest identity an entry (or a done KEY's ``by``) may name: a Pod's name is at
 #: most 253 characters, client-go's identities are a host name and a UUID.
 MAX_IDENTITY_LENGTH = 512
@@ -89,6 +97,9 @@ class Waiter:
     identity: str
     since: datetime | None
     once: str | None = None
+    #: Seconds this waiter may take to react to a free lock (``None``: not said, or
+    #: out of bounds; it counts as the turn timeout).
+    turn: float | None = None
 
     def value(self) -> str:
         entry: dict[str, Any] = {
@@ -97,6 +108,8 @@ class Waiter:
         }
         if self.once is not None:
             entry["once"] = self.once
+        if self.turn is not None:
+            entry["turn"] = self.turn
         return json.dumps(entry, separators=(",", ":"))
 
     def order(self) -> tuple[str, str]:
@@ -104,9 +117,16 @@ class Waiter:
         return (since, self.identity)
 
 
-def entry(identity: str, since: datetime, once: str | None = None) -> Waiter:
+def entry(
+    identity: str, since: datetime, once: str | None = None, turn: float | None = None
+) -> Waiter:
     """The entry ``identity`` adds when it joins the queue at ``since``."""
-    return Waiter(queue_key(identity), identity, since, once)
+    return Waiter(queue_key(identity), identity, since, once, turn)
+
+
+def turns(line: Iterable[Waiter], turn_timeout: float = TURN_TIMEOUT) -> float:
+    """How long the waiters of ``line`` have for their turns, one after another."""
+    return sum(turn_timeout if waiter.turn is None else waiter.turn for waiter in line)
 
 
 def waiters(obj: Mapping[str, Any]) -> list[Waiter]:
@@ -143,7 +163,18 @@ def _parse(key: str, value: str) -> Waiter | None:
         return None
     if once is not None and (not isinstance(once, str) or len(once) > MAX_ONCE_KEY_LENGTH):
         return None
-    return Waiter(key=key, identity=identity, since=parse_time(parsed.get("since")), once=once)
+    said = parsed.get("turn")
+    turn: float | None = None
+    # Bounded (hostile values: NaN, inf, negative, huge) and never a bool: else not said.
+    if isinstance(said, int | float) and not isinstance(said, bool) and 0 < said <= MAX_TURN:
+        turn = float(said)
+    return Waiter(
+        key=key,
+        identity=identity,
+        since=parse_time(parsed.get("since")),
+        once=once,
+        turn=turn,
+    )
 
 
 def fits(waiter: Waiter) -> bool:

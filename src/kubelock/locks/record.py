@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "LEADER_ANNOTATION",
+    "MAX_COUNT",
     "UNREADABLE_RECORD",
     "LeaderElectionRecord",
     "annotations_of",
@@ -32,7 +33,7 @@ __all__ = [
 
 LEADER_ANNOTATION = "control-plane.alpha.kubernetes.io/leader"
 #: The most a count (lease duration, transitions) may be: Go's int64, as client-go parses it.
-_MAX_COUNT = 2**63 - 1
+MAX_COUNT = 2**63 - 1
 
 
 def annotations_of(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -133,7 +134,7 @@ def _count(fields: Mapping[str, Any], name: str) -> int:
     value = fields.get(name)
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_COUNT:
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_COUNT:
         raise ValueError(f"{name} is not an integer in range")
     return value
 
