@@ -36,7 +36,13 @@ POSTGRES_IMAGE = "postgres:15"  # as postgres.yaml names it
 REPLICAS = 3
 DATA_MIGRATION = "shop.0003_record_run"
 NEW_MIGRATION = "shop.0004_customer_note"
-COLLISION = re.compile(r"already exists|duplicate key value violates unique constraint")
+# What racing migrates fail with: a table created twice, a type or row inserted
+# twice, or a column one run looks for while another is still altering the table.
+COLLISION = re.compile(
+    r"already exists"
+    r"|duplicate key value violates unique constraint"
+    r'|column "[^"]+" of relation "[^"]+" does not exist'
+)
 
 # The next version of the app: one more migration, a schema change and a data step.
 MIGRATION_0004 = """

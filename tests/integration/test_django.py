@@ -41,7 +41,13 @@ DATA_MIGRATION = "shop.0003_record_run"
 #: Where PostgreSQL's programs are, when not in Debian's /usr/lib/postgresql/N/bin.
 BINDIR_VARIABLE = "POSTGRES_BINDIR"
 # What a collision between two unlocked runs says (a table, or its row type, made twice).
-COLLISION = re.compile(r"already exists|duplicate key value violates unique constraint")
+# What racing migrates fail with: a table created twice, a type or row inserted
+# twice, or a column one run looks for while another is still altering the table.
+COLLISION = re.compile(
+    r"already exists"
+    r"|duplicate key value violates unique constraint"
+    r'|column "[^"]+" of relation "[^"]+" does not exist'
+)
 
 
 @dataclass(frozen=True)
