@@ -380,14 +380,10 @@ def run_seed(seed: int, options: Options) -> Outcome:
         world.handoffs,
         world.faults,
         world.violations,
-        trio_now(clock),
+        clock.current_time(),
         world.server.skipped,
         list(world.trace) if options.trace_all else [],
     )
-
-
-def trio_now(clock: trio.testing.MockClock) -> float:
-    return clock.current_time()
 
 
 def deterministic_scheduling() -> None:
@@ -470,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         pool.join()
     cpu = time.process_time() - cpu_started
     if pool is not None:
-        cpu += sum(usage for usage in _children_cpu())
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, once joined
+        cpu += children.ru_utime + children.ru_stime
     elapsed = time.monotonic() - started
     print(
         f"simulate: {total} hand-offs over {seeds} seeds, {sum(faults.values())} faults "
@@ -480,11 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         "CPU second)"
     )
     return 1 if violations else 0
-
-
-def _children_cpu() -> list[float]:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return [usage.ru_utime, usage.ru_stime]
 
 
 if __name__ == "__main__":
